@@ -1,0 +1,66 @@
+"""``mergekit-sdxl recipe DIR --base FILE [--method tgmd|ties_soup|linear|geometric_median]
+[-o config.yaml] [--scan] [--allow-vpred-mix] [--seed N]``.
+
+Writes the mergekit config (to ``-o`` or standard output) and prints what was kept and excluded,
+with reasons (to standard error when the YAML goes to standard output, so it can be piped).
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from mergekit_sdxl.host.recipe import Method, RecipeError, build_recipe
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["recipe_command"]
+
+
+def _command_line(directory: Path, base: Path, method: str, output: Optional[Path], scan: bool, allow: bool, seed: Optional[int]) -> str:
+    parts: List[str] = ["mergekit-sdxl", "recipe", str(directory), "--base", str(base), "--method", method]
+    if output is not None:
+        parts += ["-o", str(output)]
+    if scan:
+        parts.append("--scan")
+    if allow:
+        parts.append("--allow-vpred-mix")
+    if seed is not None:
+        parts += ["--seed", str(seed)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def recipe_command(
+    directory: Path = typer.Argument(..., help="Folder of downloaded checkpoints (searched recursively for *.safetensors)."),
+    base: Path = typer.Option(..., "--base", help="The base model (e.g. sd_xl_base_1.0.safetensors); never listed as a model."),
+    method: Method = typer.Option(Method.tgmd, "--method", help="Merge method; its reference parameters are written."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the config here (default: standard output)."),
+    scan: bool = typer.Option(False, "--scan", help="Also read every value: exclude files with NaN/inf."),
+    allow_vpred_mix: bool = typer.Option(False, "--allow-vpred-mix", help="Keep v-prediction models beside an epsilon base (or the reverse)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the DROP masks (tgmd default: 240603)."),
+) -> None:
+    """Discover, validate and filter checkpoints; write a mergekit config pinned by sha256."""
+    method_s = method.value if isinstance(method, Method) else str(method)
+    cmd = _command_line(directory, base, method_s, output, scan, allow_vpred_mix, seed)
+    try:
+        result = build_recipe(directory, base, method_s, scan=scan, allow_vpred_mix=allow_vpred_mix, seed=seed, command=cmd)
+    except RecipeError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(code=1)
+    to_stdout = output is None
+    for line in result.summary_lines():
+        typer.echo(line, err=to_stdout)
+    if to_stdout:
+        sys.stdout.write(result.yaml_text)
+        sys.stdout.flush()
+    else:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = output.with_name(output.name + ".tmp")
+        tmp.write_text(result.yaml_text, encoding="utf-8")
+        tmp.replace(output)
+        typer.echo(f"wrote {output}: merge with `mergekit-sdxl merge {shlex.quote(str(output))} OUT.safetensors`")

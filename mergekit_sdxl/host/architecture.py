@@ -1,0 +1,78 @@
+"""The SDXL architecture for mergekit: four modules, UNet blocks and CLIP layers as layers.
+
+Layers make YAML gradients vary per block the way SDXL block-weight (MBW) users
+expect: the UNet has 19 layers (IN00..IN08, M00, OUT00..OUT08, with ``out.`` in
+OUT08), CLIP-L 12 and CLIP-G 32 transformer layers; the VAE has none.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Dict, List, Optional
+
+from mergekit.architecture.base import ModelArchitecture, ModuleArchitecture, ModuleDefinition, WeightInfo
+from transformers import PretrainedConfig
+
+from mergekit_sdxl.host.checkpoint import ARCHITECTURE_NAME, MODEL_TYPE, POSITION_IDS_KEY
+from mergekit_sdxl.sdxl.manifest import COMPONENT_PREFIXES, NUM_LAYERS, OPTIONAL_KEYS, SDXL_KEYS, component_of, layer_of
+
+
+def _weight(key: str, prefix: str) -> WeightInfo:
+    return WeightInfo(
+        name=key[len(prefix):],
+        optional=key in OPTIONAL_KEYS,
+        force_dtype="int64" if key == POSITION_IDS_KEY else None,
+    )
+
+
+class SDXLComponentArchitecture(ModuleArchitecture):
+    """One SDXL component (unet, clip_l, clip_g, vae) with names relative to its prefix."""
+
+    def __init__(self, component: str):
+        self.component = component
+        self.prefix = COMPONENT_PREFIXES[component]
+        pre: List[WeightInfo] = []
+        layers: Dict[int, List[WeightInfo]] = {index: [] for index in range(NUM_LAYERS[component])}
+        for key in SDXL_KEYS:
+            if component_of(key) != component:
+                continue
+            placement = layer_of(key)
+            if placement is None:
+                pre.append(_weight(key, self.prefix))
+            else:
+                layers[placement[1]].append(_weight(key, self.prefix))
+        self._pre = pre
+        self._layers = layers
+
+    def pre_weights(self, config: PretrainedConfig) -> List[WeightInfo]:
+        return list(self._pre)
+
+    def post_weights(self, config: PretrainedConfig) -> List[WeightInfo]:
+        return []
+
+    def layer_weights(self, index: int, config: PretrainedConfig) -> Optional[List[WeightInfo]]:
+        return list(self._layers[index])
+
+    def num_layers_config_key(self) -> str:
+        # Fixed by SDXL itself; nothing to write back into the output config.
+        return ""
+
+    def num_layers(self, config: PretrainedConfig) -> int:
+        return NUM_LAYERS[self.component]
+
+
+@lru_cache(maxsize=1)
+def sdxl_architecture() -> ModelArchitecture:
+    """The mergekit ``ModelArchitecture`` for SDXL single-file checkpoints."""
+    return ModelArchitecture(
+        modules={
+            name: ModuleDefinition(architecture=SDXLComponentArchitecture(name), weight_prefix=prefix)
+            for name, prefix in COMPONENT_PREFIXES.items()
+        },
+        architectures=[ARCHITECTURE_NAME],
+        model_type=MODEL_TYPE,
+    )
+
+
+def is_sdxl_architecture(arch: ModelArchitecture) -> bool:
+    return ARCHITECTURE_NAME in arch.architectures

@@ -1,0 +1,222 @@
+"""SDXL single-file checkpoints as mergekit models: config, tensor index and lazy loader.
+
+A ``.safetensors`` path in a mergekit config is read as one SDXL checkpoint. The
+index exposes canonical (manifest) key names only, so key hygiene happens once,
+at the loader: ``text_projection.weight`` variants are transposed to the sgm
+``text_projection``, 2-D VAE attention weights get their 1x1 conv shape back,
+``position_ids`` is always int64 ``arange(77)``, and keys outside the manifest
+(EMA, embedded LoRA, schedule buffers) are dropped with one warning per file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Dict, FrozenSet, List, Optional, Tuple
+
+import safetensors
+import torch
+from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex, ShardInfo
+from transformers import PretrainedConfig
+
+from mergekit_sdxl.sdxl import keys as sdxl_keys
+from mergekit_sdxl.sdxl.header import CheckpointError, read_header
+from mergekit_sdxl.sdxl.manifest import SDXL_KEYS
+
+LOG = logging.getLogger(__name__)
+
+ARCHITECTURE_NAME = "SDXLCheckpoint"
+MODEL_TYPE = "sdxl_checkpoint"
+POSITION_IDS_KEY = "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"
+
+
+def is_checkpoint_file(path: str) -> bool:
+    """True for an existing single-file ``.safetensors`` checkpoint path."""
+    return path.lower().endswith(".safetensors") and os.path.isfile(path)
+
+
+class SDXLCheckpointConfig(PretrainedConfig):
+    """Stand-in for ``config.json``: mergekit asks every input for one."""
+
+    model_type = MODEL_TYPE
+
+    def __init__(self, checkpoint_path: str = "", v_pred: bool = False, ztsnr: bool = False, **kwargs):
+        kwargs.setdefault("architectures", [ARCHITECTURE_NAME])
+        super().__init__(**kwargs)
+        self.checkpoint_path = checkpoint_path
+        self.v_pred = v_pred
+        self.ztsnr = ztsnr
+
+
+@dataclass
+class SDXLCheckpointIndex(ShardedTensorIndex):
+    """Index of one checkpoint file keyed by canonical SDXL names."""
+
+    file_path: str = ""
+    stored_names: Dict[str, str] = field(default_factory=dict)
+    shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
+    stored_shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
+    dtypes: Dict[str, str] = field(default_factory=dict)
+    flags: FrozenSet[str] = frozenset()
+    dropped: Tuple[str, ...] = ()
+
+    @classmethod
+    def from_checkpoint(cls, path: str) -> "SDXLCheckpointIndex":
+        header = read_header(path)
+        stored_names: Dict[str, str] = {}
+        shapes: Dict[str, Tuple[int, ...]] = {}
+        stored_shapes: Dict[str, Tuple[int, ...]] = {}
+        dtypes: Dict[str, str] = {}
+        flags = set()
+        dropped: List[str] = []
+        for stored, info in header.tensors.items():
+            canonical = sdxl_keys.canonical_name(stored)
+            if canonical is None:
+                kind = sdxl_keys.classify_extra_key(stored)
+                if kind.startswith("flag:"):
+                    flags.add(kind[len("flag:"):])
+                else:
+                    dropped.append(stored)
+                continue
+            if canonical in stored_names and stored_names[canonical] == canonical:
+                continue  # the sgm name wins over a variant spelling
+            stored_names[canonical] = stored
+            shapes[canonical] = _canonical_shape(canonical, stored, tuple(info.shape))
+            stored_shapes[canonical] = tuple(info.shape)
+            dtypes[canonical] = info.dtype
+        if dropped:
+            LOG.warning(
+                "%s: ignoring %d keys outside the SDXL manifest (e.g. %s)",
+                path,
+                len(dropped),
+                ", ".join(sorted(dropped)[:3]),
+            )
+        # position_ids is a constant buffer: always present, whatever the file holds.
+        shapes[POSITION_IDS_KEY] = (1, 77)
+        dtypes[POSITION_IDS_KEY] = "I64"
+        shard = os.path.basename(path)
+        tensor_paths = {name: shard for name in list(stored_names) + [POSITION_IDS_KEY]}
+        return cls(
+            base_path=os.path.dirname(os.path.abspath(path)),
+            is_safetensors=True,
+            tensor_paths=tensor_paths,
+            shards=[ShardInfo(shard, list(tensor_paths))],
+            file_path=os.path.abspath(path),
+            stored_names=stored_names,
+            shapes=shapes,
+            stored_shapes=stored_shapes,
+            dtypes=dtypes,
+            flags=frozenset(flags),
+            dropped=tuple(sorted(dropped)),
+        )
+
+
+class SDXLCheckpointLoader(LazyTensorLoader):
+    """Lazy loader over one open checkpoint; reads whole tensors or row ranges."""
+
+    index: SDXLCheckpointIndex
+
+    def __init__(self, index: SDXLCheckpointIndex):
+        super().__init__(index, lazy_unpickle=False)
+        self._handle = None
+        self.bytes_read = 0
+
+    def _open(self):
+        # One handle per file for the whole merge: no reopen per tensor.
+        if self._handle is None:
+            try:
+                self._handle = safetensors.safe_open(self.index.file_path, framework="pt", device="cpu")
+            except Exception as error:  # noqa: BLE001 - re-raised with the file named
+                raise CheckpointError(self.index.file_path, f"cannot open: {error}") from error
+        return self._handle
+
+    def get_tensor(
+        self,
+        key: str,
+        device: str = "cpu",
+        aliases: Optional[List[str]] = None,
+        raise_on_missing: bool = True,
+    ) -> Optional[torch.Tensor]:
+        if key not in self.index.tensor_paths:
+            for alias in aliases or ():
+                if alias in self.index.tensor_paths:
+                    key = alias
+                    break
+            else:
+                if raise_on_missing:
+                    raise KeyError(key)
+                return None
+        if key == POSITION_IDS_KEY:
+            return sdxl_keys.position_ids().to(device)
+        stored = self.index.stored_names[key]
+        with self.lock:
+            tensor = self._open().get_tensor(stored)
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        if stored != key or tensor.shape != self.index.shapes[key]:
+            tensor = sdxl_keys.canonicalize_tensor(key, stored, tensor)
+        return tensor.to(device)
+
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of the tensor viewed as [rows, cols], in its stored dtype."""
+        shape = self.index.shapes[key]
+        rows = shape[0] if shape else 1
+        cols = 1
+        for dim in shape[1:]:
+            cols *= dim
+        stored = self.index.stored_names.get(key)
+        if stored != key or not shape or self.index.stored_shapes[key] != shape:
+            # Variants need the whole tensor to be normalised; they are small.
+            return self.get_tensor(key).reshape(rows, cols)[start:stop]
+        with self.lock:
+            part = self._open().get_slice(stored)[start:stop]
+        self.bytes_read += part.numel() * part.element_size()
+        return part.reshape(stop - start, cols)
+
+    def flush(self) -> None:
+        # Keep the handle: mergekit flushes between shards, we have one file.
+        pass
+
+    def close(self) -> None:
+        with self.lock:
+            self._handle = None
+
+
+def _canonical_shape(canonical: str, stored: str, shape: Tuple[int, ...]) -> Tuple[int, ...]:
+    """Shape of the tensor after key hygiene (see ``sdxl.keys.canonicalize_tensor``)."""
+    expected_rank = len(SDXL_KEYS[canonical].shape)
+    if canonical != stored and len(shape) == 2:
+        return (shape[1], shape[0])  # Linear [out, in] -> sgm [in, out]
+    if len(shape) == 2 and expected_rank == 4:
+        return shape + (1, 1)  # converted VAE attention back to 1x1 conv
+    return shape
+
+
+_INDEX_CACHE: Dict[Tuple[str, int, int], SDXLCheckpointIndex] = {}
+_INDEX_LOCK = threading.Lock()
+
+
+def checkpoint_index(path: str) -> SDXLCheckpointIndex:
+    """Parse (once per path, size and mtime) the index of a checkpoint file."""
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    with _INDEX_LOCK:
+        if key not in _INDEX_CACHE:
+            _INDEX_CACHE[key] = SDXLCheckpointIndex.from_checkpoint(path)
+        return _INDEX_CACHE[key]
+
+
+def checkpoint_config(path: str) -> SDXLCheckpointConfig:
+    """Config for an SDXL checkpoint file; refuses files of other families."""
+    from mergekit_sdxl.sdxl.detect import detect
+
+    header = read_header(path)
+    detection = detect(header)
+    if detection.family not in ("sdxl-base",):
+        raise CheckpointError(
+            path,
+            f"not an SDXL base-family checkpoint (detected: {detection.family}); "
+            "only SDXL 1.0-family files can be merged",
+        )
+    return SDXLCheckpointConfig(checkpoint_path=os.path.abspath(path), v_pred=detection.v_pred, ztsnr=detection.ztsnr)

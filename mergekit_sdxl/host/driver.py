@@ -1,0 +1,278 @@
+"""``mergekit-sdxl merge``: plan with mergekit, execute with mergekit, stream to one file.
+
+mergekit's own writer holds a whole shard in RAM and splits files above 5 GB;
+here the planner's per-tensor tasks are wrapped in ``OutputTensor`` targets, the
+``Executor`` yields one merged tensor at a time, and each goes straight into a
+single safetensors file whose header (names, shapes, offsets, provenance) was
+written first. The file appears under its name only when complete and verified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import yaml
+from mergekit.architecture import get_architecture_info
+from mergekit.common import ModelReference, dtype_from_name
+from mergekit.config import MergeConfiguration
+from mergekit.graph import Executor
+from mergekit.io.tasks import LoaderCache
+from mergekit.merge import _model_out_config
+from mergekit.options import MergeOptions
+from mergekit.plan import MergePlanner
+from tqdm.auto import tqdm
+
+import mergekit_sdxl
+from mergekit_sdxl.host.architecture import is_sdxl_architecture
+from mergekit_sdxl.host.checkpoint import SDXLCheckpointLoader, checkpoint_index, is_checkpoint_file
+from mergekit_sdxl.host.methods import set_chunk_bytes
+from mergekit_sdxl.host.options import SDXLOptions
+from mergekit_sdxl.host.planner import planning_options
+from mergekit_sdxl.host.plugin import register_all
+from mergekit_sdxl.host.tasks import DonorTensor, OutputTensor
+from mergekit_sdxl.io.writer import StreamingCheckpointWriter, TensorEntrySpec, WriteResult
+
+LOG = logging.getLogger(__name__)
+
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "I64": torch.int64}
+
+
+class MergeError(RuntimeError):
+    """A merge that cannot run; the message names the file and key where known."""
+
+
+@dataclass
+class MergeResult:
+    write: WriteResult
+    keys: int
+    bytes_read: int
+    seconds: float
+
+
+@dataclass
+class LoadedConfig:
+    text: str
+    config: MergeConfiguration
+    sdxl: SDXLOptions
+
+
+def load_config(text: str, overrides: Optional[Dict] = None) -> LoadedConfig:
+    """Parse a mergekit YAML with an optional ``sdxl:`` section (CLI overrides win)."""
+    raw = yaml.safe_load(text)
+    if not isinstance(raw, dict):
+        raise MergeError("config is not a YAML mapping")
+    section = dict(raw.pop("sdxl", None) or {})
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            section[key] = value
+    return LoadedConfig(text=text, config=MergeConfiguration.model_validate(raw), sdxl=SDXLOptions.model_validate(section))
+
+
+def input_paths(config: MergeConfiguration) -> List[str]:
+    """Every checkpoint file the config references, in config order, without duplicates."""
+    paths: List[str] = []
+    for model in config.referenced_models():
+        if model.model.path not in paths:
+            paths.append(model.model.path)
+    return paths
+
+
+def _entries(planned, out_dtype: str, flags: Sequence[str]) -> Tuple[List[TensorEntrySpec], List[Tuple[str, OutputTensor]]]:
+    """Output layout in name order, and the target task of each merged key."""
+    specs: Dict[str, TensorEntrySpec] = {}
+    targets: List[Tuple[str, OutputTensor]] = []
+    for weight, task in planned:
+        name = weight.name
+        if isinstance(task, DonorTensor):
+            index = LoaderCache().get(task.model).index
+            if name not in index.tensor_paths:
+                if weight.optional:
+                    continue
+                raise MergeError(f"{task.model}: key {name} is missing (needed from that file)")
+            shape = index.shapes[name]
+        else:
+            shape = None
+            for model in _models_of(task):
+                index = LoaderCache().get(model).index
+                if name in index.tensor_paths:
+                    shape = index.shapes[name]
+                    break
+            if shape is None:
+                continue
+        dtype = weight.force_dtype or out_dtype
+        specs[name] = TensorEntrySpec(name=name, dtype=dtype_from_name(dtype), shape=tuple(shape))
+        targets.append((name, OutputTensor(name=name, tensor_task=task, dtype=dtype, optional=weight.optional)))
+    for flag in flags:
+        specs[flag] = TensorEntrySpec(name=flag, dtype=torch.float32, shape=(0,))
+    return [specs[name] for name in sorted(specs)], targets
+
+
+def _models_of(task) -> Sequence[ModelReference]:
+    if hasattr(task, "model_order"):
+        return task.model_order
+    if hasattr(task, "merge"):
+        return task.merge.model_order
+    if hasattr(task, "model"):
+        return (task.model,)
+    return ()
+
+
+def _agreed_flags(paths: Sequence[str]) -> List[str]:
+    """v_pred/ztsnr markers, kept only when every input carries them."""
+    flag_sets = [set(checkpoint_index(p).flags) for p in paths]
+    agreed = set.intersection(*flag_sets) if flag_sets else set()
+    if any(s != agreed for s in flag_sets):
+        LOG.warning("inputs disagree on v_pred/ztsnr markers; the output carries only %s", sorted(agreed) or "none")
+    return sorted(agreed)
+
+
+def fingerprint(config_text: str, inputs: Sequence[Tuple[str, int, int, str]], extra: str = "") -> str:
+    """Identity of a merge for resuming: config text, each input's path, size, mtime and sha256."""
+    digest = hashlib.sha256(config_text.encode())
+    digest.update(json.dumps([list(i) for i in inputs]).encode())
+    digest.update(extra.encode())
+    return digest.hexdigest()
+
+
+def run_sdxl_merge(
+    config_text: str,
+    out_path: str,
+    options: MergeOptions,
+    *,
+    overrides: Optional[Dict] = None,
+    restart: bool = False,
+    preflight_scan: bool = False,
+) -> MergeResult:
+    """Merge SDXL checkpoints (or anything mergekit plans) into one safetensors file."""
+    from mergekit_sdxl.host.preflight import preflight
+    from mergekit_sdxl.io.hashing import HashCache, autov2
+    from mergekit_sdxl.io.provenance import InputInfo, build_metadata, write_sidecars
+
+    started = time.monotonic()
+    register_all()
+    loaded = load_config(config_text, overrides)
+    config, sdxl = loaded.config, loaded.sdxl
+    if not out_path.lower().endswith(".safetensors"):
+        raise MergeError(f"output must be a .safetensors file path, got {out_path}")
+    paths = input_paths(config)
+    files = [p for p in paths if is_checkpoint_file(p)]
+    if files and len(files) != len(paths):
+        missing = [p for p in paths if p not in files]
+        raise MergeError("inputs not found or not .safetensors files: " + ", ".join(missing))
+    base_path = config.base_model.model.path if config.base_model else None
+    if files:
+        preflight([Path(p) for p in files], base=Path(base_path) if base_path else None, allow_vpred_mix=sdxl.allow_vpred_mix, scan=preflight_scan)
+
+    budget = sdxl.memory_budget_bytes
+    set_chunk_bytes(max(budget // 4, 1024**2))
+    LoaderCache.loaders.clear()
+    loader_cache = LoaderCache()
+    loader_cache.setup(options=options)
+    arch = get_architecture_info(config, options)
+    if not is_sdxl_architecture(arch):
+        raise MergeError("mergekit-sdxl merge writes SDXL single files; use mergekit-yaml for other architectures")
+    for model in config.referenced_models():
+        loader_cache.get(model)
+    out_config = _model_out_config(config, arch, trust_remote_code=options.trust_remote_code)
+    recipe_text = loaded.text
+    out_dtype = config.out_dtype or "float16"
+
+    with planning_options(sdxl.model_copy(update={"memory_budget": budget})):
+        planner = MergePlanner(config, arch, options=options, out_model_config=out_config)
+        planner._plan()
+    entries, targets = _entries(planner._tensors, out_dtype, _agreed_flags(files))
+
+    cache = HashCache()
+    infos = []
+    for path in paths:
+        stat = os.stat(path)
+        digest = cache.sha256(path)
+        infos.append(InputInfo(path=path, size=stat.st_size, sha256=digest, autov2=autov2(digest)))
+    params = dict(config.parameters or {})
+    base_info = checkpoint_index(base_path) if base_path else None
+    metadata = build_metadata(
+        recipe_text,
+        infos,
+        method=config.merge_method,
+        seed=str(params.get("seed", "")),
+        dtype=str(config.dtype or ""),
+        out_dtype=out_dtype,
+        title=Path(out_path).stem,
+        prediction_type="v" if base_info is not None and "v_pred" in base_info.flags else "epsilon",
+        plugin_version=mergekit_sdxl.__version__,
+        mergekit_version=_mergekit_version(),
+    )
+    identity = fingerprint(config_text, [(i.path, i.size, os.stat(i.path).st_mtime_ns, i.sha256) for i in infos], json.dumps(overrides or {}, sort_keys=True))
+    writer = StreamingCheckpointWriter.open_or_resume(out_path, entries, metadata, fingerprint=identity, restart=restart)
+    done = set(writer.completed_names())
+    pending = [(name, task) for name, task in targets if name not in done]
+    constants = {spec.name: torch.empty(0, dtype=torch.float32) for spec in entries if spec.shape == (0,) and spec.name not in done}
+
+    loaders = [l for l in LoaderCache.loaders.values() if isinstance(l, SDXLCheckpointLoader)]
+    total_read = _expected_read_bytes(pending)
+    order = [spec.name for spec in entries if spec.name not in done]
+    buffered: Dict[str, Optional[torch.Tensor]] = dict(constants)
+    position = 0
+    read_start = sum(l.bytes_read for l in loaders)
+    with writer, tqdm(total=total_read, unit="B", unit_scale=True, desc="merging", disable=options.quiet) as bar:
+        executor = Executor(
+            targets=[task for _, task in pending],
+            math_device=torch.device(options.device or "cpu"),
+            storage_device=torch.device("cpu"),
+        )
+        keys_done = 0
+
+        def drain() -> None:
+            nonlocal position
+            while position < len(order) and order[position] in buffered:
+                name = order[position]
+                tensor = buffered.pop(name)
+                writer.write(name, tensor)
+                position += 1
+
+        drain()
+        for task, value in executor.run(quiet=True):
+            buffered[task.name] = value
+            drain()
+            keys_done += 1
+            read_now = sum(l.bytes_read for l in loaders) - read_start
+            bar.update(max(0, min(read_now, total_read) - bar.n))
+            bar.set_postfix_str(f"keys {keys_done}/{len(pending)} {task.name[-40:]}", refresh=False)
+        drain()
+        if position != len(order):
+            raise MergeError(f"merge produced no value for {order[position]}")
+        result = writer.close()
+    write_sidecars(out_path, metadata, result.sha256, result.autov2, infos)
+    bytes_read = sum(l.bytes_read for l in loaders) - read_start
+    return MergeResult(write=result, keys=len(entries), bytes_read=bytes_read, seconds=time.monotonic() - started)
+
+
+def _expected_read_bytes(pending) -> int:
+    """Input bytes the merge will read, for the progress bar."""
+    total = 0
+    for name, target in pending:
+        for model in _models_of(target.tensor_task):
+            index = LoaderCache().get(model).index
+            if name in getattr(index, "dtypes", {}) and name in index.stored_names:
+                numel = 1
+                for dim in index.stored_shapes[name]:
+                    numel *= dim
+                total += numel * torch.tensor([], dtype=_SAFETENSORS_DTYPES.get(index.dtypes[name], torch.float32)).element_size()
+    return total
+
+
+def _mergekit_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mergekit")
+    except PackageNotFoundError:
+        return "unknown"

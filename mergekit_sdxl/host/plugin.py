@@ -1,0 +1,156 @@
+"""Registration of everything the plugin adds to mergekit. Idempotent.
+
+- merge methods ``tgmd``, ``ties_soup``, ``geometric_median`` in mergekit's registry;
+- the SDXL architecture in ``NAME_TO_ARCH``;
+- ``.safetensors`` single files as models: ``ModelReference.config``,
+  ``.tensor_index`` and ``.lazy_loader`` route checkpoint files to this plugin
+  and leave every other path to mergekit;
+- SDXL key rules in ``MergePlanner.plan_tensor`` (see ``host.planner``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from typing import Any, Callable
+
+LOG = logging.getLogger(__name__)
+
+_LOCK = threading.RLock()
+_PATCH_MARK = "_mergekit_sdxl_original"
+
+
+class RegistrationConflict(RuntimeError):
+    """Another package registered a method under one of this plugin's names."""
+
+
+def _patch(owner: Any, name: str, make: Callable[[Callable], Callable]) -> None:
+    current = getattr(owner, name)
+    if getattr(current, _PATCH_MARK, None) is not None:
+        return
+    replacement = make(current)
+    functools.update_wrapper(replacement, current)
+    setattr(replacement, _PATCH_MARK, current)
+    setattr(owner, name, replacement)
+
+
+def register_methods() -> None:
+    from mergekit.merge_methods import registry
+
+    from mergekit_sdxl.host.methods import ChunkedMergeMethod, build_methods
+
+    for method in build_methods():
+        name = method.spec.name
+        existing = registry._METHODS.get(name)
+        if existing is None:
+            registry.register(method)
+        elif not isinstance(existing, ChunkedMergeMethod):
+            raise RegistrationConflict(
+                f"mergekit already has a merge method named {name!r} "
+                f"({type(existing).__module__}.{type(existing).__name__}); "
+                "mergekit-sdxl cannot register its own. Uninstall the other plugin "
+                "or set MERGEKIT_SDXL_DISABLE=1."
+            )
+
+
+def register_architecture() -> None:
+    from mergekit.architecture.json_definitions import NAME_TO_ARCH
+
+    from mergekit_sdxl.host.architecture import sdxl_architecture
+    from mergekit_sdxl.host.checkpoint import ARCHITECTURE_NAME
+
+    NAME_TO_ARCH[ARCHITECTURE_NAME] = [sdxl_architecture()]
+
+
+def patch_model_reference() -> None:
+    from mergekit.common import ModelReference
+
+    from mergekit_sdxl.host.checkpoint import (
+        SDXLCheckpointLoader,
+        checkpoint_config,
+        checkpoint_index,
+        is_checkpoint_file,
+    )
+
+    def config(original):
+        def wrapper(self, trust_remote_code: bool = False):
+            if self.lora is None and is_checkpoint_file(self.model.path):
+                return checkpoint_config(self.model.path)
+            return original(self, trust_remote_code=trust_remote_code)
+
+        return wrapper
+
+    def tensor_index(original):
+        def wrapper(self, cache_dir=None):
+            if self.lora is None and is_checkpoint_file(self.model.path):
+                return checkpoint_index(self.model.path)
+            return original(self, cache_dir)
+
+        return wrapper
+
+    def lazy_loader(original):
+        def wrapper(self, cache_dir=None, lazy_unpickle: bool = True):
+            if self.lora is None and is_checkpoint_file(self.model.path):
+                return SDXLCheckpointLoader(checkpoint_index(self.model.path))
+            return original(self, cache_dir=cache_dir, lazy_unpickle=lazy_unpickle)
+
+        return wrapper
+
+    _patch(ModelReference, "config", config)
+    _patch(ModelReference, "tensor_index", tensor_index)
+    _patch(ModelReference, "lazy_loader", lazy_loader)
+
+
+def patch_card() -> None:
+    # mergekit.card.is_hf asks the Hub about any relative path with one "/";
+    # offline that crashes after the weights are written. Local files are not Hub repos.
+    import os
+
+    import sys
+
+    card = sys.modules.get("mergekit.card")
+    if card is None:
+        import mergekit.card as card
+
+    def is_hf(original):
+        def wrapper(path: str) -> bool:
+            if os.path.exists(path):
+                return False
+            return original(path)
+
+        return wrapper
+
+    if hasattr(card, "is_hf"):
+        _patch(card, "is_hf", is_hf)
+
+
+def patch_planner() -> None:
+    from mergekit.plan import MergePlanner
+
+    from mergekit_sdxl.host.planner import make_plan_tensor
+
+    _patch(MergePlanner, "plan_tensor", make_plan_tensor)
+
+
+def on_merge_methods_imported() -> None:
+    """Hook target: ``mergekit.merge_methods`` finished importing."""
+    with _LOCK:
+        register_methods()
+        register_architecture()
+        patch_model_reference()
+
+
+def on_plan_imported() -> None:
+    """Hook target: ``mergekit.plan`` finished importing."""
+    with _LOCK:
+        patch_planner()
+        patch_card()
+
+
+def register_all() -> None:
+    """Everything at once, for Python users and our own CLI. Safe to call repeatedly."""
+    with _LOCK:
+        on_merge_methods_imported()
+        on_plan_imported()
+        patch_card()

@@ -1,0 +1,430 @@
+"""Validation of merge inputs before any tensor math, and per-file inspection.
+
+* :func:`preflight` checks a list of input checkpoints (the base included or not) and raises one
+  :class:`PreflightError` listing *every* problem, each naming the file (and the key where there is
+  one): unreadable/truncated files, mixed architecture families, v-prediction mixed with epsilon,
+  missing non-optional keys, shapes that disagree with the manifest or with the base. With
+  ``scan=True`` it also reads every tensor once and reports NaN/inf counts.
+* :func:`inspect_file` is what ``mergekit-sdxl inspect`` and ``mergekit-sdxl recipe`` show per file:
+  header facts (:func:`~mergekit_sdxl.sdxl.detect.detect`), size, sha256/AutoV2 (cached), and the
+  optional NaN/inf scan.
+* :func:`scan_nonfinite` reads tensors one at a time through ``safetensors.safe_open``.
+
+Nothing here needs mergekit: inputs are plain paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+from mergekit_sdxl.sdxl.detect import Detection, detect
+from mergekit_sdxl.sdxl.header import DTYPE_SIZES, CheckpointError, SafetensorsHeader, read_header
+from mergekit_sdxl.sdxl.manifest import COMPONENT_PREFIXES, SDXL_KEYS
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "PreflightError",
+    "PreflightReport",
+    "ScanResult",
+    "FileReport",
+    "preflight",
+    "scan_nonfinite",
+    "inspect_file",
+    "MERGEABLE_FAMILIES",
+    "FAMILY_LABELS",
+    "canonical_shapes",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+# Families mergekit-sdxl can merge (all inputs of one merge must share one of them).
+MERGEABLE_FAMILIES: Tuple[str, ...] = ("sdxl-base", "sdxl-inpaint")
+
+FAMILY_LABELS: Dict[str, str] = {
+    "sdxl-base": "SDXL base-family",
+    "sdxl-inpaint": "SDXL inpainting",
+    "sdxl-refiner": "SDXL refiner",
+    "sd1": "SD 1.x",
+    "sd2": "SD 2.x",
+    "sd3": "SD3",
+    "flux": "Flux",
+    "unknown": "unknown architecture",
+}
+
+_MAX_KEYS_LISTED = 8
+_COMPUTE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class PreflightError(ValueError):
+    """Inputs that must not be merged. ``problems`` lists each one (file and key named);
+    ``report`` is the :class:`PreflightReport` gathered so far."""
+
+    def __init__(self, problems: Sequence[str], report: Optional["PreflightReport"] = None) -> None:
+        self.problems = list(problems)
+        self.report = report
+        n = len(self.problems)
+        head = f"preflight found {n} problem{'s' if n != 1 else ''} with the merge inputs:"
+        super().__init__("\n".join([head] + [f"  - {p}" for p in self.problems]))
+
+
+@dataclass
+class ScanResult:
+    """Non-finite values of one file: total per component, and per key (keys with any)."""
+
+    per_component: Dict[str, int] = field(default_factory=dict)  # unet/clip_l/clip_g/vae/other
+    per_key: Dict[str, int] = field(default_factory=dict)
+    tensors_read: int = 0
+    bytes_read: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.per_component.values())
+
+    def describe(self, limit: int = _MAX_KEYS_LISTED) -> str:
+        comps = ", ".join(f"{c} {n}" for c, n in self.per_component.items() if n)
+        keys = list(self.per_key)
+        shown = ", ".join(f"{k} ({self.per_key[k]})" for k in keys[:limit])
+        more = f" and {len(keys) - limit} more keys" if len(keys) > limit else ""
+        return f"{self.total} NaN/inf values ({comps}) in {shown}{more}"
+
+
+def scan_nonfinite(path: PathLike, header: Optional[SafetensorsHeader] = None) -> ScanResult:
+    """Count NaN/inf per component, reading one tensor at a time (safetensors ``safe_open``).
+
+    Integer tensors are skipped. Raises :class:`CheckpointError` naming the file (and key) when a
+    tensor cannot be read.
+    """
+    import torch
+    from safetensors import safe_open
+
+    p = os.fspath(path)
+    header = header if header is not None else read_header(p)
+    result = ScanResult(per_component={c: 0 for c in COMPONENT_PREFIXES})
+    result.per_component["other"] = 0
+    float_dtypes = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
+    # File-offset order: one sequential pass over the file.
+    names = sorted(header.tensors, key=lambda k: header.tensors[k].data_offsets[0])
+    try:
+        handle = safe_open(p, framework="pt", device="cpu")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise CheckpointError(p, f"cannot open for reading tensors: {e}") from e
+    with handle as f:
+        for key in names:
+            info = header.tensors[key]
+            if info.dtype not in float_dtypes or info.numel == 0:
+                continue
+            try:
+                t = f.get_tensor(key)
+            except Exception as e:  # noqa: BLE001
+                raise CheckpointError(p, f"cannot read tensor: {e}", key=key) from e
+            if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                t = t.to(torch.float16)
+            bad = int(t.numel() - torch.isfinite(t).sum().item())
+            result.tensors_read += 1
+            result.bytes_read += info.nbytes
+            del t
+            if bad:
+                comp = next((c for c, pre in COMPONENT_PREFIXES.items() if key.startswith(pre)), "other")
+                result.per_component[comp] += bad
+                result.per_key[key] = bad
+    return result
+
+
+@dataclass
+class FileReport:
+    """One file as ``inspect`` shows it. ``error`` set means the file is unusable (the rest is empty)."""
+
+    path: str
+    size: int = 0
+    detection: Optional[Detection] = None
+    sha256: Optional[str] = None
+    autov2: Optional[str] = None
+    scan: Optional[ScanResult] = None
+    error: Optional[str] = None
+    header: Optional[SafetensorsHeader] = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> Dict[str, Any]:
+        d: Dict[str, Any] = {"path": self.path, "size": self.size, "sha256": self.sha256, "autov2": self.autov2}
+        if self.error is not None:
+            d["error"] = self.error
+            return d
+        assert self.detection is not None
+        d.update(self.detection.to_dict())
+        d["n_missing"] = len(self.detection.missing)
+        d["n_extra"] = len(self.detection.extra)
+        d["n_wrong_shape"] = len(self.detection.wrong_shape)
+        if self.scan is not None:
+            d["nonfinite"] = {
+                "total": self.scan.total,
+                "per_component": dict(self.scan.per_component),
+                "per_key": dict(self.scan.per_key),
+            }
+        return d
+
+
+def inspect_file(path: PathLike, *, hash: bool = True, scan: bool = False, cache=None) -> FileReport:
+    """Header facts, size, (cached) sha256 + AutoV2 and optionally a NaN/inf scan of one file.
+
+    Never raises for a bad file: the problem goes to ``FileReport.error`` ("file not found",
+    "truncated: ...", ...).
+    """
+    p = os.fspath(path)
+    rep = FileReport(path=p)
+    try:
+        if not os.path.exists(p):
+            raise CheckpointError(p, "file not found")
+        if os.path.isdir(p):
+            raise CheckpointError(p, "is a directory, not a .safetensors file")
+        rep.size = os.path.getsize(p)
+        rep.header = read_header(p)
+        rep.detection = detect(rep.header)
+        if hash:
+            from mergekit_sdxl.io.hashing import HashCache, autov2
+
+            cache = cache if cache is not None else HashCache()
+            rep.sha256 = cache.sha256(p)
+            rep.autov2 = autov2(rep.sha256)
+        if scan:
+            rep.scan = scan_nonfinite(p, rep.header)
+    except CheckpointError as e:
+        rep.error = e.message + (f" [tensor {e.key!r}]" if e.key else "")
+        rep.detection = None
+    except OSError as e:
+        rep.error = f"cannot read: {e.strerror or e}"
+        rep.detection = None
+    return rep
+
+
+@dataclass
+class PreflightReport:
+    """What preflight learned. Byte counts are for one full pass over the inputs."""
+
+    files: List[str] = field(default_factory=list)  # unique inputs, base first when given
+    base: Optional[str] = None
+    families: Dict[str, str] = field(default_factory=dict)
+    prediction_types: Dict[str, str] = field(default_factory=dict)  # "epsilon" | "v"
+    missing_keys: Dict[str, List[str]] = field(default_factory=dict)  # non-optional, per file
+    extra_keys: Dict[str, List[str]] = field(default_factory=dict)
+    nonfinite: Dict[str, ScanResult] = field(default_factory=dict)  # only with scan=True
+    detections: Dict[str, Detection] = field(default_factory=dict)
+    bytes_to_read: int = 0
+    largest_tensor: Tuple[str, int] = ("", 0)  # (key, elements)
+    warnings: List[str] = field(default_factory=list)
+    problems: List[str] = field(default_factory=list)
+
+    @property
+    def n_inputs(self) -> int:
+        return len(self.files)
+
+    @property
+    def family(self) -> Optional[str]:
+        fams = set(self.families.values())
+        return fams.pop() if len(fams) == 1 else None
+
+    @property
+    def prediction_type(self) -> str:
+        """The merge's prediction type: the base's, else the inputs' common one (``epsilon`` default)."""
+        if self.base and self.base in self.prediction_types:
+            return self.prediction_types[self.base]
+        kinds = set(self.prediction_types.values())
+        return kinds.pop() if len(kinds) == 1 else "epsilon"
+
+    def estimated_peak_bytes(
+        self, memory_budget: Optional[int] = None, compute_dtype: str = "float64", out_dtype: str = "float16"
+    ) -> int:
+        """A rough peak of merge memory beyond the process baseline.
+
+        In memory, the largest tensor needs its N inputs upcast plus as many masked deltas, and the
+        result: ``L * (2N + 1) * compute bytes + L * out bytes``. With a budget, a tensor over it is
+        merged in row chunks, so the working set is capped at the budget (plus the output tensor).
+        """
+        n = max(1, self.n_inputs)
+        elems = self.largest_tensor[1]
+        cb = _COMPUTE_BYTES.get(compute_dtype, 8)
+        ob = _COMPUTE_BYTES.get(out_dtype, 2)
+        in_memory = elems * (2 * n + 1) * cb
+        if memory_budget is not None:
+            in_memory = min(in_memory, int(memory_budget))
+        return in_memory + elems * ob
+
+    def summary(self, memory_budget: Optional[int] = None) -> str:
+        return (
+            f"{self.n_inputs} inputs, family {self.family or 'mixed'}, prediction {self.prediction_type}, "
+            f"{self.bytes_to_read / 1e9:.2f} GB to read, largest tensor {self.largest_tensor[0]} "
+            f"({self.largest_tensor[1]:,} elements), estimated peak "
+            f"{self.estimated_peak_bytes(memory_budget) / 1e9:.2f} GB"
+        )
+
+
+def _list_keys(keys: Sequence[str], limit: int = _MAX_KEYS_LISTED) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def canonical_shapes(header: SafetensorsHeader) -> Dict[str, Tuple[int, ...]]:
+    """Manifest key -> shape as stored (``text_projection.weight`` under its canonical name;
+    2-D VAE attention weights reported as their 4-D conv form)."""
+    out: Dict[str, Tuple[int, ...]] = {}
+    tp_w = COMPONENT_PREFIXES["clip_g"] + "text_projection.weight"
+    tp = COMPONENT_PREFIXES["clip_g"] + "text_projection"
+    for name, info in header.tensors.items():
+        key = tp if name == tp_w else name
+        spec = SDXL_KEYS.get(key)
+        if spec is None:
+            continue
+        shape = tuple(info.shape)
+        if len(spec.shape) == 4 and spec.shape[2:] == (1, 1) and len(shape) == 2 and key.startswith(COMPONENT_PREFIXES["vae"]):
+            shape = shape + (1, 1)
+        if key not in out or name == key:
+            out[key] = shape
+    return out
+
+
+def preflight(
+    inputs: Sequence[PathLike],
+    *,
+    base: Optional[PathLike] = None,
+    allow_vpred_mix: bool = False,
+    scan: bool = False,
+    require_keys: bool = True,
+    families: Sequence[str] = MERGEABLE_FAMILIES,
+    nonfinite_is_error: bool = False,
+) -> PreflightReport:
+    """Check merge inputs from their headers (and values with ``scan``) before any tensor math.
+
+    ``inputs`` may include ``base`` (it is counted once). Raises :class:`PreflightError` listing every
+    problem; otherwise returns the :class:`PreflightReport` (warnings included, also logged).
+
+    Refused: a missing/unreadable/truncated file; a family outside ``families`` or different from
+    the base's (or, without a base, from the first input's); v-prediction mixed with epsilon unless
+    ``allow_vpred_mix``; missing non-optional SDXL keys (``require_keys``; else a warning); shapes
+    that differ from the SDXL manifest (full-size files) or from the base. With ``scan``: NaN/inf
+    values are warnings (the merge methods leave such an input out of that key), errors with
+    ``nonfinite_is_error``.
+    """
+    report = PreflightReport()
+    problems = report.problems
+    ordered: List[str] = []
+    base_s = os.fspath(base) if base is not None else None
+    for p in ([base_s] if base_s is not None else []) + [os.fspath(x) for x in inputs]:
+        if not any(_same_file(p, q) for q in ordered):
+            ordered.append(p)
+    if base_s is not None:
+        report.base = ordered[0]
+    report.files = ordered
+    if not ordered:
+        raise PreflightError(["no input checkpoints given"], report)
+
+    headers: Dict[str, SafetensorsHeader] = {}
+    for p in ordered:
+        role = "base model" if p == report.base else "input"
+        try:
+            if not os.path.exists(p):
+                raise CheckpointError(p, f"{role} file not found")
+            if os.path.isdir(p):
+                raise CheckpointError(p, f"{role} is a directory, not a .safetensors checkpoint file")
+            headers[p] = read_header(p)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        det = detect(headers[p])
+        report.detections[p] = det
+        report.families[p] = det.family
+        report.prediction_types[p] = det.prediction_type
+
+    # 1. one architecture family, and a mergeable one
+    ref = report.base if report.base in report.detections else next(iter(report.detections), None)
+    ref_family = report.families.get(ref) if ref else None
+    for p, fam in report.families.items():
+        label = FAMILY_LABELS.get(fam, fam)
+        if fam not in families:
+            problems.append(
+                f"{p}: {label} checkpoint (family {fam}); only {', '.join(families)} checkpoints can be merged"
+                " here — remove it from the config"
+            )
+        elif ref_family is not None and fam != ref_family and ref_family in families:
+            problems.append(
+                f"{p}: family {fam} does not match family {ref_family} of {ref}; mixing architectures is refused"
+            )
+
+    # 2. prediction type
+    ref_pred = report.prediction_types.get(ref) if ref else None
+    mixed = [p for p, t in report.prediction_types.items() if ref_pred is not None and t != ref_pred]
+    for p in mixed:
+        what = "v-prediction" if report.prediction_types[p] == "v" else "epsilon-prediction"
+        other = "v-prediction" if ref_pred == "v" else "epsilon-prediction"
+        ref_role = "base " if ref == report.base else ""
+        msg = f"{p}: {what} model mixed with {other} {ref_role}{ref}"
+        if allow_vpred_mix:
+            report.warnings.append(msg + " (allowed by allow_vpred_mix)")
+        else:
+            problems.append(msg + "; pass --allow-vpred-mix (sdxl: {allow_vpred_mix: true}) if this is intended")
+
+    # 3. keys and shapes
+    ref_shapes = canonical_shapes(headers[ref]) if ref in headers else {}
+    largest = ("", 0)
+    for p, det in report.detections.items():
+        if det.family not in families:
+            continue
+        if det.missing:
+            report.missing_keys[p] = list(det.missing)
+            msg = f"{p}: {len(det.missing)} required SDXL keys missing: {_list_keys(det.missing)}"
+            if require_keys:
+                problems.append(msg)
+            else:
+                report.warnings.append(msg + " (they are taken from the other inputs)")
+        if det.extra:
+            report.extra_keys[p] = list(det.extra)
+            report.warnings.append(
+                f"{p}: {len(det.extra)} keys outside the SDXL manifest will be ignored: {_list_keys(det.extra, 4)}"
+            )
+        for key, expected, got in det.wrong_shape:
+            problems.append(f"{p}: key {key} has shape {list(got)}, SDXL expects {list(expected)}")
+        if p != ref and ref_shapes:
+            shapes = canonical_shapes(headers[p])
+            for key, shape in shapes.items():
+                rs = ref_shapes.get(key)
+                if rs is not None and rs != shape and not any(k == key for k, _, _ in det.wrong_shape):
+                    problems.append(f"{p}: key {key} has shape {list(shape)} but {ref} has {list(rs)}")
+        for name, info in headers[p].tensors.items():
+            if name in SDXL_KEYS or name.endswith("text_projection.weight"):
+                report.bytes_to_read += info.nbytes
+                if info.numel > largest[1]:
+                    largest = (name, info.numel)
+    report.largest_tensor = largest
+
+    # 4. values
+    if scan:
+        for p, h in headers.items():
+            try:
+                res = scan_nonfinite(p, h)
+            except CheckpointError as e:
+                problems.append(str(e))
+                continue
+            report.nonfinite[p] = res
+            if res.total:
+                msg = f"{p}: {res.describe()}"
+                (problems if nonfinite_is_error else report.warnings).append(msg)
+
+    for w in report.warnings:
+        logger.warning("%s", w)
+    if problems:
+        raise PreflightError(problems, report)
+    logger.info("preflight: %s", report.summary())
+    return report

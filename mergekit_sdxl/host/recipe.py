@@ -1,0 +1,401 @@
+"""From a folder of downloaded checkpoints to a mergekit config: discover, filter, write YAML.
+
+:func:`build_recipe` finds every ``*.safetensors`` under a directory (recursively, in the order of
+their relative paths), inspects each one like ``mergekit-sdxl inspect`` does, excludes with a stated
+reason what must not go into the merge, and renders a mergekit YAML config:
+
+* ``models:`` in mergekit's *mapping* form ``- model: {model: {path: "..."}}`` (file names with ``+``
+  or ``@`` would be misparsed by the string form as a LoRA or a revision), each preceded by a
+  ``# sha256: ...  autov2: ...  size: ...`` comment that pins the exact file;
+* ``base_model:`` the same mapping form (never listed again under ``models:``; mergekit adds it to
+  the inputs itself for base-less methods such as ``linear`` and ``geometric_median``);
+* the method's reference parameters (``tgmd``: the AstolfoMix-XL run), ``dtype: float64``,
+  ``out_dtype: float16``;
+* a header comment listing every excluded file with its reason.
+
+Exclusion reasons (first that applies): unreadable/truncated; not an SDXL base-family checkpoint
+(SD1/SD2/SD3/Flux/refiner/inpaint/unknown); required SDXL keys missing; tensor shapes that differ
+from the SDXL manifest or from the base; the base itself; a duplicate (same sha256 as the base or
+an earlier kept file); v-prediction mixed with epsilon (the base's prediction type wins) unless
+``allow_vpred_mix``; NaN/inf values (only with ``scan``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mergekit_sdxl.host.preflight import FAMILY_LABELS, FileReport, canonical_shapes, inspect_file
+from mergekit_sdxl.io.provenance import InputInfo, legacy_hash
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Method",
+    "METHOD_PARAMETERS",
+    "RecipeError",
+    "RecipeOptions",
+    "RecipeResult",
+    "discover_checkpoints",
+    "build_recipe",
+    "render_recipe_yaml",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class Method(str, Enum):
+    tgmd = "tgmd"
+    ties_soup = "ties_soup"
+    linear = "linear"
+    geometric_median = "geometric_median"
+
+
+# Reference parameters per method (top-level ``parameters:``; per-model parameters placed here apply
+# to every model). ``tgmd`` = the AstolfoMix-XL TGMD run (drop 0.1, no trim, DROP rescale, identity
+# vote, geometric median).
+METHOD_PARAMETERS: Dict[str, Dict[str, Any]] = {
+    "tgmd": {
+        "drop_rate": 0.1,
+        "density": 1.0,
+        "rescale": 0.0,
+        "sign_election": "count",
+        "aggregate": "median",
+        "eps": 1e-6,
+        "maxiter": 100,
+        "ftol": 1e-20,
+        "lambda": 1.0,
+        "seed": 240603,
+    },
+    "ties_soup": {
+        "drop_rate": 0.0,
+        "density": 1.0,
+        "rescale": 0.0,
+        "sign_election": "count",
+        "aggregate": "mean",
+        "lambda": 1.0,
+        "seed": 240603,
+    },
+    "linear": {"weight": 1.0, "normalize": True},
+    "geometric_median": {"eps": 1e-6, "maxiter": 100, "ftol": 1e-20},
+}
+
+_METHOD_NOTES: Dict[str, str] = {
+    "tgmd": "TGMD (AstolfoMix-XL reference): DROP p=0.1, TIES identity vote, geometric median of task vectors",
+    "ties_soup": "TIES-SOUP: TIES identity vote, disjoint mean of task vectors, no drop",
+    "linear": "plain average; mergekit adds base_model to the averaged inputs",
+    "geometric_median": "geometric median of the models; mergekit adds base_model to the inputs",
+}
+
+
+class RecipeError(ValueError):
+    """A recipe cannot be built (no such directory, unusable base, nothing left to merge)."""
+
+
+class RecipeOptions(BaseModel):
+    """What ``mergekit-sdxl recipe`` takes besides the directory and the base."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Method = Method.tgmd
+    scan: bool = False
+    allow_vpred_mix: bool = False
+    seed: Optional[int] = None
+    dtype: str = "float64"
+    out_dtype: str = "float16"
+    parameters: Dict[str, Any] = Field(default_factory=dict, description="overrides of the method's reference parameters")
+
+
+@dataclass
+class RecipeResult:
+    kept: List[InputInfo]  # models, in config order (the base is not among them)
+    excluded: List[Tuple[str, str]]  # (absolute path, reason), in discovery order
+    yaml_text: str
+    base: Optional[InputInfo] = None
+    method: str = "tgmd"
+    prediction_type: str = "epsilon"
+    directory: str = ""
+    reports: Dict[str, FileReport] = field(default_factory=dict)  # absolute path -> inspection
+
+    @property
+    def inputs(self) -> List[InputInfo]:
+        """Base first, then the kept models: the order provenance records."""
+        return ([self.base] if self.base else []) + list(self.kept)
+
+    def summary_lines(self) -> List[str]:
+        root = Path(self.directory) if self.directory else None
+
+        def rel(p: str) -> str:
+            try:
+                return Path(p).relative_to(root).as_posix() if root else p
+            except ValueError:
+                return p
+
+        lines = [
+            f"{len(self.kept)} kept, {len(self.excluded)} excluded under {self.directory or '.'}; "
+            f"method {self.method}; base {self.base.path if self.base else '-'} ({self.prediction_type})"
+        ]
+        width = max([len(rel(i.path)) for i in self.kept] + [len(rel(p)) for p, _ in self.excluded] + [4])
+        for i in self.kept:
+            lines.append(f"  keep     {rel(i.path):<{width}}  autov2 {i.autov2}  sha256 {i.sha256}")
+        for p, reason in self.excluded:
+            lines.append(f"  exclude  {rel(p):<{width}}  {reason}")
+        return lines
+
+
+def discover_checkpoints(directory: PathLike) -> List[Path]:
+    """Every ``*.safetensors`` file under ``directory`` (recursive, symlinks followed), sorted by
+    relative POSIX path so the order is the same on every machine."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise RecipeError(f"{root}: not a directory")
+    found: List[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        for name in filenames:
+            if name.lower().endswith(".safetensors") and not name.startswith("."):
+                p = Path(dirpath) / name
+                if p.is_file():
+                    found.append(p)
+    found.sort(key=lambda p: p.relative_to(root).as_posix())
+    return found
+
+
+def _yaml_str(s: str) -> str:
+    """A double-quoted YAML scalar (JSON string syntax is valid YAML)."""
+    return json.dumps(s, ensure_ascii=False)
+
+
+def _yaml_scalar(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        r = repr(v)
+        # YAML 1.1 (PyYAML) reads "1e-06" as a string: it needs a dot in the mantissa.
+        if "e" in r and "." not in r.split("e")[0]:
+            m, e = r.split("e")
+            r = f"{m}.0e{e}"
+        return r
+    if isinstance(v, str):
+        return v if v.replace("_", "").isalnum() and not v[0].isdigit() and v.lower() not in ("true", "false", "null", "yes", "no", "on", "off") else _yaml_str(v)
+    return json.dumps(v)
+
+
+def _comment(s: str) -> str:
+    """One comment line's worth of text: control characters escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+
+
+def _pin(info: InputInfo) -> str:
+    return f"# sha256: {info.sha256}  autov2: {info.autov2}  size: {info.size}"
+
+
+def render_recipe_yaml(
+    base: InputInfo,
+    kept: Sequence[InputInfo],
+    excluded: Sequence[Tuple[str, str]],
+    *,
+    method: str,
+    parameters: Dict[str, Any],
+    dtype: str = "float64",
+    out_dtype: str = "float16",
+    allow_vpred_mix: bool = False,
+    header_lines: Sequence[str] = (),
+) -> str:
+    """The mergekit YAML text (with pin and exclusion comments)."""
+    out: List[str] = []
+    for line in header_lines:
+        out.append(f"# {_comment(line)}" if line else "#")
+    out.append(f"# method: {_METHOD_NOTES.get(method, method)}")
+    out.append(f"# kept: {len(kept)} models + base; excluded: {len(excluded)}")
+    if excluded:
+        out.append("# excluded:")
+        for p, reason in excluded:
+            out.append(f"#   {_comment(p)}: {_comment(reason)}")
+    out.append("")
+    out.append(f"merge_method: {method}")
+    out.append(_pin(base))
+    out.append(f"base_model: {{model: {{path: {_yaml_str(base.path)}}}}}")
+    out.append("models:")
+    for info in kept:
+        out.append(f"  {_pin(info)}")
+        out.append(f"  - model: {{model: {{path: {_yaml_str(info.path)}}}}}")
+    out.append("parameters:")
+    for k, v in parameters.items():
+        out.append(f"  {k}: {_yaml_scalar(v)}")
+    out.append(f"dtype: {dtype}")
+    out.append(f"out_dtype: {out_dtype}")
+    if allow_vpred_mix:
+        out.append("sdxl:")
+        out.append("  allow_vpred_mix: true")
+    return "\n".join(out) + "\n"
+
+
+def _info(rep: FileReport, role: str) -> InputInfo:
+    assert rep.sha256 is not None and rep.autov2 is not None
+    try:
+        lh = legacy_hash(rep.path)
+    except OSError:
+        lh = ""
+    return InputInfo(path=rep.path, size=rep.size, sha256=rep.sha256, autov2=rep.autov2, role=role, legacy_hash=lh)
+
+
+def _nonfinite_reason(rep: FileReport) -> Optional[str]:
+    if rep.scan is None or not rep.scan.total:
+        return None
+    comps = ", ".join(f"{c} {n}" for c, n in rep.scan.per_component.items() if n)
+    first = next(iter(rep.scan.per_key))
+    return f"{rep.scan.total} NaN/inf values ({comps}; first in {first})"
+
+
+def build_recipe(
+    directory: PathLike,
+    base: PathLike,
+    method: Union[str, Method] = "tgmd",
+    *,
+    scan: bool = False,
+    allow_vpred_mix: bool = False,
+    seed: Optional[int] = None,
+    parameters: Optional[Dict[str, Any]] = None,
+    dtype: str = "float64",
+    out_dtype: str = "float16",
+    cache=None,
+    command: Optional[str] = None,
+) -> RecipeResult:
+    """Discover, validate and filter the checkpoints under ``directory``; render the config.
+
+    Raises :class:`RecipeError` when the directory does not exist, the base is unusable (unreadable,
+    not SDXL base-family, missing keys) or no model is left. ``cache`` is a
+    :class:`~mergekit_sdxl.io.hashing.HashCache` (default: the user cache).
+    """
+    method_s = Method(method).value if not isinstance(method, Method) else method.value
+    opts = RecipeOptions(
+        method=Method(method_s), scan=scan, allow_vpred_mix=allow_vpred_mix, seed=seed,
+        dtype=dtype, out_dtype=out_dtype, parameters=dict(parameters or {}),
+    )
+    if cache is None:
+        from mergekit_sdxl.io.hashing import HashCache
+
+        cache = HashCache()
+    root = Path(directory).resolve()
+    files = discover_checkpoints(root)
+    base_path = Path(base).resolve()
+
+    base_rep = inspect_file(base_path, hash=True, scan=scan, cache=cache)
+    if not base_rep.ok:
+        raise RecipeError(f"base model {base_path}: {base_rep.error}")
+    bdet = base_rep.detection
+    assert bdet is not None
+    if bdet.family != "sdxl-base":
+        raise RecipeError(
+            f"base model {base_path}: {FAMILY_LABELS.get(bdet.family, bdet.family)} checkpoint (family {bdet.family}); "
+            "the base must be an SDXL base-family checkpoint"
+        )
+    if bdet.missing:
+        raise RecipeError(f"base model {base_path}: {len(bdet.missing)} required SDXL keys missing, e.g. {bdet.missing[0]}")
+    if base_rep.scan is not None and base_rep.scan.total:
+        raise RecipeError(f"base model {base_path}: {base_rep.scan.describe()}")
+    base_info = _info(base_rep, "base")
+    base_pred = bdet.prediction_type
+    assert base_rep.header is not None
+    base_shapes = canonical_shapes(base_rep.header)
+
+    kept: List[InputInfo] = []
+    excluded: List[Tuple[str, str]] = []
+    reports: Dict[str, FileReport] = {str(base_path): base_rep}
+    seen: Dict[str, str] = {base_info.sha256: f"the base model {base_path.name}"}
+
+    for path in files:
+        p = str(path)
+        rel = path.relative_to(root).as_posix()
+        if os.path.exists(p) and os.path.samefile(p, base_path):
+            excluded.append((p, "is the base model (already base_model)"))
+            continue
+        rep = inspect_file(p, hash=False, scan=False, cache=cache)
+        reports[p] = rep
+        reason = _exclusion_reason(rep, base_shapes, base_pred, allow_vpred_mix, base_path)
+        if reason is None:
+            rep_h = inspect_file(p, hash=True, scan=scan, cache=cache)
+            reports[p] = rep = rep_h
+            if not rep.ok:
+                reason = f"unreadable: {rep.error}"
+            elif rep.sha256 in seen:
+                reason = f"duplicate of {seen[rep.sha256]} (same sha256 {rep.autov2})"
+            else:
+                reason = _nonfinite_reason(rep)
+        if reason is not None:
+            logger.info("excluding %s: %s", rel, reason)
+            excluded.append((p, reason))
+            continue
+        assert rep.sha256 is not None
+        seen[rep.sha256] = rel
+        if rep.detection is not None and rep.detection.extra:
+            logger.warning("%s: %d keys outside the SDXL manifest will be ignored by the merge", rel, len(rep.detection.extra))
+        if rep.detection is not None and rep.detection.prediction_type != base_pred:
+            logger.warning("%s: %s model kept beside a %s base (allow_vpred_mix)", rel, rep.detection.prediction_type, base_pred)
+        kept.append(_info(rep, "model"))
+
+    if not kept:
+        detail = "; ".join(f"{Path(p).name}: {r}" for p, r in excluded) or "no .safetensors files found"
+        raise RecipeError(f"no usable SDXL checkpoints under {root} besides the base ({detail})")
+
+    params = dict(METHOD_PARAMETERS[method_s])
+    params.update(opts.parameters)
+    if seed is not None:
+        if "seed" in params:
+            params["seed"] = int(seed)
+        else:
+            logger.warning("method %s takes no seed; --seed %s ignored", method_s, seed)
+    header = [
+        f"mergekit-sdxl recipe: {method_s} over {len(kept)} models under {root}",
+        f"generated by: {command}" if command else "generated by: mergekit-sdxl recipe",
+        f"base prediction type: {base_pred}" + (" (v-pred/eps mixing allowed)" if allow_vpred_mix else ""),
+        "every input is pinned by the sha256 of the whole file; AutoV2 = its first 10 hex (CivitAI)",
+        "merge with: mergekit-sdxl merge THIS.yaml OUT.safetensors",
+    ]
+    text = render_recipe_yaml(
+        base_info, kept, excluded, method=method_s, parameters=params, dtype=opts.dtype,
+        out_dtype=opts.out_dtype, allow_vpred_mix=allow_vpred_mix, header_lines=header,
+    )
+    return RecipeResult(
+        kept=kept, excluded=excluded, yaml_text=text, base=base_info, method=method_s,
+        prediction_type=base_pred, directory=str(root), reports=reports,
+    )
+
+
+def _exclusion_reason(
+    rep: FileReport, base_shapes: Dict[str, Tuple[int, ...]], base_pred: str, allow_vpred_mix: bool, base_path: Path
+) -> Optional[str]:
+    """Header-level reason to exclude a file (before hashing), or None."""
+    if not rep.ok:
+        return f"unreadable: {rep.error}"
+    det = rep.detection
+    assert det is not None and rep.header is not None
+    if det.family != "sdxl-base":
+        label = FAMILY_LABELS.get(det.family, det.family)
+        extra = f"; {det.notes[0]}" if det.notes and det.family == "unknown" else ""
+        return f"not an SDXL base-family checkpoint: {label} (family {det.family}){extra}"
+    if det.missing:
+        return f"{len(det.missing)} required SDXL keys missing (e.g. {det.missing[0]})"
+    if det.wrong_shape:
+        k, e, g = det.wrong_shape[0]
+        return f"{len(det.wrong_shape)} tensors with wrong shapes (e.g. {k}: {list(g)}, SDXL expects {list(e)})"
+    shapes = canonical_shapes(rep.header)
+    diff = [k for k, s in shapes.items() if k in base_shapes and base_shapes[k] != s]
+    if diff:
+        k = diff[0]
+        return f"{len(diff)} tensors differ in shape from the base (e.g. {k}: {list(shapes[k])} vs {list(base_shapes[k])})"
+    if det.prediction_type != base_pred and not allow_vpred_mix:
+        what = "v-prediction" if det.v_pred else "epsilon-prediction"
+        other = "v-prediction" if base_pred == "v" else "epsilon-prediction"
+        return f"{what} model, but the base is {other} (pass --allow-vpred-mix to keep it)"
+    return None

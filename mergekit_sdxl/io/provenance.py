@@ -1,0 +1,428 @@
+"""Provenance of a merged checkpoint: safetensors ``__metadata__``, a sidecar JSON, a model card.
+
+Everything here is deterministic: no dates, no host names, sorted JSON keys. The same recipe and
+the same inputs give byte-identical metadata, so the merged file itself is reproducible bit for bit
+(and its sha256/AutoV2 with it).
+
+Metadata written by :func:`build_metadata` (every value a string):
+
+=================================  =============================================================
+``mergekit_sdxl.recipe``           the merge config YAML, verbatim
+``mergekit_sdxl.version``          plugin version
+``mergekit.version``               mergekit version
+``mergekit_sdxl.method``           ``merge_method``
+``mergekit_sdxl.seed``             seed ("" when the method takes none)
+``mergekit_sdxl.dtype``            compute dtype; ``mergekit_sdxl.out_dtype`` output dtype
+``mergekit_sdxl.inputs``           JSON list, config order: name, size, sha256, autov2 (+ role)
+``sd_merge_recipe``                A1111-style recipe JSON (``type: "mergekit-sdxl"``)
+``sd_merge_models``                A1111-style JSON keyed by sha256: name, legacy_hash, sd_merge_recipe
+``modelspec.*``                    Stability AI model spec 1.0.0: sai_model_spec, architecture,
+                                   implementation, title, resolution, prediction_type
+=================================  =============================================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "InputInfo",
+    "build_metadata",
+    "write_sidecars",
+    "read_provenance",
+    "legacy_hash",
+    "input_info",
+    "sidecar_paths",
+    "META_RECIPE",
+    "META_INPUTS",
+    "META_VERSION",
+    "META_MERGEKIT_VERSION",
+    "MODELSPEC_ARCHITECTURE",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+META_RECIPE = "mergekit_sdxl.recipe"
+META_VERSION = "mergekit_sdxl.version"
+META_MERGEKIT_VERSION = "mergekit.version"
+META_INPUTS = "mergekit_sdxl.inputs"
+META_METHOD = "mergekit_sdxl.method"
+META_SEED = "mergekit_sdxl.seed"
+META_DTYPE = "mergekit_sdxl.dtype"
+META_OUT_DTYPE = "mergekit_sdxl.out_dtype"
+
+MODELSPEC_VERSION = "1.0.0"
+MODELSPEC_ARCHITECTURE = "stable-diffusion-xl-v1-base"
+MODELSPEC_IMPLEMENTATION = "sgm"
+MODELSPEC_RESOLUTION = "1024x1024"
+_PREDICTION_TYPES = {"epsilon": "epsilon", "eps": "epsilon", "v": "v", "v_prediction": "v", "v-prediction": "v"}
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """One input checkpoint as provenance records it.
+
+    ``path`` is where it was read from (not written into the metadata: only its file name is);
+    ``role`` is ``"base"`` or ``"model"`` (or ``""`` when unknown); ``legacy_hash`` is A1111's old
+    8-hex model hash (sha256 of 64 KiB at offset 1 MiB), computed by :func:`input_info`.
+    """
+
+    path: str
+    size: int
+    sha256: str
+    autov2: str
+    role: str = ""
+    legacy_hash: str = ""
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name
+
+    def to_record(self) -> Dict[str, Any]:
+        rec: Dict[str, Any] = {"name": self.name, "size": int(self.size), "sha256": self.sha256, "autov2": self.autov2}
+        if self.role:
+            rec["role"] = self.role
+        return rec
+
+
+def legacy_hash(path: PathLike) -> str:
+    """A1111's legacy model hash: first 8 hex of sha256(64 KiB read at offset 0x100000)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        h.update(f.read(0x10000))
+    return h.hexdigest()[:8]
+
+
+def input_info(path: PathLike, *, role: str = "", cache=None) -> InputInfo:
+    """:class:`InputInfo` of a file: size, sha256 (through a ``HashCache``), AutoV2, legacy hash."""
+    from mergekit_sdxl.io.hashing import HashCache, autov2
+
+    cache = cache if cache is not None else HashCache()
+    p = os.fspath(path)
+    digest = cache.sha256(p)
+    return InputInfo(
+        path=p, size=os.path.getsize(p), sha256=digest, autov2=autov2(digest), role=role, legacy_hash=legacy_hash(p)
+    )
+
+
+def _legacy(info: InputInfo) -> str:
+    if info.legacy_hash:
+        return info.legacy_hash
+    try:
+        return legacy_hash(info.path)
+    except OSError:
+        return ""
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def _recipe_parameters(recipe_yaml: str) -> Dict[str, Any]:
+    try:
+        import yaml
+
+        doc = yaml.safe_load(recipe_yaml)
+    except Exception:  # noqa: BLE001 - a recipe that is not YAML still gets recorded verbatim
+        return {}
+    if not isinstance(doc, dict):
+        return {}
+    params = doc.get("parameters") or {}
+    return params if isinstance(params, dict) else {}
+
+
+def _normalise_prediction(prediction_type: str) -> str:
+    p = _PREDICTION_TYPES.get(str(prediction_type).strip().lower())
+    if p is None:
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v', got {prediction_type!r}")
+    return p
+
+
+def build_metadata(
+    recipe_yaml: str,
+    inputs: Sequence[InputInfo],
+    *,
+    method: str,
+    seed: Union[str, int, None] = "",
+    dtype: Optional[str] = "",
+    out_dtype: Optional[str] = "float16",
+    title: str = "",
+    prediction_type: str = "epsilon",
+    plugin_version: Optional[str] = None,
+    mergekit_version: Optional[str] = None,
+    description: str = "",
+) -> Dict[str, str]:
+    """The ``__metadata__`` dict of a merged SDXL checkpoint (every value a str, no dates).
+
+    ``inputs`` in config order (the base first by convention, ``role="base"``).
+    """
+    if plugin_version is None:
+        import mergekit_sdxl
+
+        plugin_version = mergekit_sdxl.__version__
+    if mergekit_version is None:
+        mergekit_version = _package_version("mergekit")
+    seed_s = "" if seed is None else str(seed)
+    pred = _normalise_prediction(prediction_type)
+    title = title or "mergekit-sdxl merge"
+    records = [i.to_record() for i in inputs]
+    base = next((i for i in inputs if i.role == "base"), None)
+    recipe_a1111: Dict[str, Any] = {
+        "type": "mergekit-sdxl",
+        "merge_method": method,
+        "base_model_hash": base.sha256 if base else None,
+        "model_hashes": [i.sha256 for i in inputs if i is not base],
+        "parameters": _recipe_parameters(recipe_yaml),
+        "seed": seed_s,
+        "dtype": dtype or "",
+        "out_dtype": out_dtype or "",
+        "custom_name": title,
+        "mergekit_sdxl_version": plugin_version,
+        "mergekit_version": mergekit_version,
+    }
+    models: Dict[str, Any] = {}
+    for i in inputs:
+        if i.sha256 not in models:
+            models[i.sha256] = {"name": i.name, "legacy_hash": _legacy(i), "sd_merge_recipe": None}
+    meta: Dict[str, str] = {
+        META_RECIPE: recipe_yaml,
+        META_VERSION: str(plugin_version),
+        META_MERGEKIT_VERSION: str(mergekit_version),
+        META_METHOD: str(method),
+        META_SEED: seed_s,
+        META_DTYPE: str(dtype or ""),
+        META_OUT_DTYPE: str(out_dtype or ""),
+        META_INPUTS: _dumps(records),
+        "sd_merge_recipe": _dumps(recipe_a1111),
+        "sd_merge_models": _dumps(models),
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.architecture": MODELSPEC_ARCHITECTURE,
+        "modelspec.implementation": MODELSPEC_IMPLEMENTATION,
+        "modelspec.title": title,
+        "modelspec.resolution": MODELSPEC_RESOLUTION,
+        "modelspec.prediction_type": pred,
+    }
+    if description:
+        meta["modelspec.description"] = description
+    for k, v in meta.items():
+        if not isinstance(v, str):  # pragma: no cover - guarded by construction
+            raise TypeError(f"metadata {k} is {type(v).__name__}, not str")
+    return meta
+
+
+def _package_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def sidecar_paths(out_path: PathLike) -> Tuple[Path, Path]:
+    """``OUT.safetensors`` -> (``OUT.safetensors.json``, ``OUT.md``)."""
+    out = Path(out_path)
+    return out.with_name(out.name + ".json"), out.with_suffix(".md")
+
+
+def _fmt_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000.0
+    return str(n)  # pragma: no cover
+
+
+def _md_escape(s: str) -> str:
+    return s.replace("|", "\\|")
+
+
+def render_model_card(
+    out_path: PathLike,
+    metadata: Mapping[str, str],
+    result_sha256: str,
+    autov2: str,
+    inputs: Sequence[InputInfo],
+    *,
+    command: Optional[str] = None,
+    config_name: Optional[str] = None,
+) -> str:
+    """Markdown model card (deterministic) for ``out_path``."""
+    out = Path(out_path)
+    recipe = metadata.get(META_RECIPE, "")
+    method = metadata.get(META_METHOD, "")
+    params = _recipe_parameters(recipe)
+    title = metadata.get("modelspec.title") or out.stem
+    pred = metadata.get("modelspec.prediction_type", "epsilon")
+    cfg = config_name or "config.yaml"
+    cmd = command or f"mergekit-sdxl merge {cfg} {out.name}"
+    lines: List[str] = [
+        "---",
+        "tags:",
+        "- stable-diffusion-xl",
+        "- merge",
+        "- mergekit-sdxl",
+        f"- {method}" if method else "- merge-method-unknown",
+        "---",
+        "",
+        f"# {title}",
+        "",
+        f"A merge of {len(inputs)} Stable Diffusion XL checkpoints made with "
+        f"mergekit-sdxl {metadata.get(META_VERSION, '')} on mergekit "
+        f"{metadata.get(META_MERGEKIT_VERSION, '')}.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| file | `{out.name}` |",
+        f"| sha256 | `{result_sha256}` |",
+        f"| AutoV2 | `{autov2}` |",
+        f"| architecture | {metadata.get('modelspec.architecture', MODELSPEC_ARCHITECTURE)} |",
+        f"| prediction type | {pred} |",
+        f"| merge method | `{method}` |",
+        f"| seed | {metadata.get(META_SEED, '') or '-'} |",
+        f"| compute dtype / output dtype | {metadata.get(META_DTYPE, '') or '-'} / {metadata.get(META_OUT_DTYPE, '') or '-'} |",
+        "",
+        "## Parameters",
+        "",
+    ]
+    if params:
+        lines += ["| parameter | value |", "|---|---|"]
+        for k in sorted(params):
+            lines.append(f"| `{k}` | `{_md_escape(json.dumps(params[k], sort_keys=True))}` |")
+    else:
+        lines.append("The method's defaults (no top-level `parameters:`).")
+    lines += [
+        "",
+        "## Inputs",
+        "",
+        "In config order. AutoV2 is CivitAI's short hash (the first 10 hex of the file's sha256).",
+        "",
+        "| # | role | file | size | sha256 | AutoV2 |",
+        "|---:|---|---|---:|---|---|",
+    ]
+    for n, i in enumerate(inputs, 1):
+        lines.append(
+            f"| {n} | {i.role or '-'} | {_md_escape(i.name)} | {_fmt_size(int(i.size))} | `{i.sha256}` | `{i.autov2}` |"
+        )
+    lines += [
+        "",
+        "## How to reproduce",
+        "",
+        "Put the input files (same sha256) at the paths the config names, then:",
+        "",
+        "```sh",
+        f"pip install 'mergekit-sdxl=={metadata.get(META_VERSION, '')}' 'mergekit=={metadata.get(META_MERGEKIT_VERSION, '')}'",
+        cmd,
+        "```",
+        "",
+        f"The output is deterministic: the same config and inputs give the same sha256 (`{result_sha256}`).",
+        "",
+        f"`{cfg}`:",
+        "",
+        "```yaml",
+        recipe.rstrip("\n"),
+        "```",
+        "",
+        f"The full metadata (recipe, inputs, hashes) is in `{out.name}.json` and in the file's safetensors header "
+        "(`mergekit-sdxl inspect " + out.name + "`).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_sidecars(
+    out_path: PathLike,
+    metadata: Mapping[str, str],
+    result_sha256: str,
+    autov2: Optional[str] = None,
+    inputs: Sequence[InputInfo] = (),
+    *,
+    command: Optional[str] = None,
+    config_name: Optional[str] = None,
+    extra: Optional[Mapping[str, Any]] = None,
+) -> Tuple[Path, Path]:
+    """Write ``OUT.safetensors.json`` (metadata + output hashes + inputs) and ``OUT.md`` (model card).
+
+    Returns both paths. Each file is written to a temporary name and renamed.
+    """
+    out = Path(out_path)
+    if autov2 is None:
+        autov2 = result_sha256[:10]
+    json_path, md_path = sidecar_paths(out)
+    size = out.stat().st_size if out.exists() else None
+    doc: Dict[str, Any] = {
+        "file": out.name,
+        "size": size,
+        "sha256": result_sha256,
+        "autov2": autov2,
+        "inputs": [i.to_record() for i in inputs],
+        "metadata": dict(metadata),
+    }
+    if extra:
+        doc.update(dict(extra))
+    _atomic_text(json_path, json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    card = render_model_card(out, metadata, result_sha256, autov2, inputs, command=command, config_name=config_name)
+    _atomic_text(md_path, card)
+    logger.info("wrote %s and %s", json_path, md_path)
+    return json_path, md_path
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_provenance(metadata: Mapping[str, str]) -> Optional[Dict[str, Any]]:
+    """What a file's ``__metadata__`` says about how it was merged, or None.
+
+    Ours (``mergekit_sdxl.recipe``) first: ``{"tool": "mergekit-sdxl", "version", "mergekit_version",
+    "method", "seed", "dtype", "out_dtype", "recipe" (YAML text), "inputs" (list of dicts),
+    "modelspec" (dict)}``; else A1111/SuperMerger's ``sd_merge_recipe``: ``{"tool": "a1111",
+    "recipe" (parsed JSON), "inputs": [{"name", "sha256", "legacy_hash"}]}``. Malformed JSON values
+    are kept as their raw strings.
+    """
+    if not metadata:
+        return None
+
+    def _json(s: Optional[str]) -> Any:
+        if s is None:
+            return None
+        try:
+            return json.loads(s)
+        except (TypeError, ValueError):
+            return s
+
+    modelspec = {k[len("modelspec."):]: v for k, v in metadata.items() if k.startswith("modelspec.")}
+    if META_RECIPE in metadata:
+        inputs = _json(metadata.get(META_INPUTS))
+        return {
+            "tool": "mergekit-sdxl",
+            "version": metadata.get(META_VERSION),
+            "mergekit_version": metadata.get(META_MERGEKIT_VERSION),
+            "method": metadata.get(META_METHOD),
+            "seed": metadata.get(META_SEED),
+            "dtype": metadata.get(META_DTYPE),
+            "out_dtype": metadata.get(META_OUT_DTYPE),
+            "recipe": metadata[META_RECIPE],
+            "inputs": inputs if isinstance(inputs, list) else [],
+            "modelspec": modelspec,
+        }
+    if "sd_merge_recipe" in metadata:
+        models = _json(metadata.get("sd_merge_models"))
+        inputs = []
+        if isinstance(models, dict):
+            for sha, info in models.items():
+                info = info if isinstance(info, dict) else {}
+                inputs.append({"name": info.get("name"), "sha256": sha, "legacy_hash": info.get("legacy_hash")})
+        return {"tool": "a1111", "recipe": _json(metadata["sd_merge_recipe"]), "inputs": inputs, "modelspec": modelspec}
+    return None

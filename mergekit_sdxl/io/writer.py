@@ -1,0 +1,574 @@
+"""Streaming single-file safetensors writer with optional crash-safe resume.
+
+The header (names, dtypes, shapes, offsets, ``__metadata__``) is fully determined by
+the entry list, so it is written first and tensor data follows sequentially in entry
+order. Nothing but the running sha256 is kept between tensors, so memory stays at one
+tensor however large the model. Output bytes depend only on the inputs (deterministic
+JSON), which is what makes "resume to the identical file" checkable.
+
+Layout on disk while writing: ``<out>.partial`` (data) and, with ``journal=True``,
+``<out>.partial.journal``. ``close()`` verifies the temp file and renames it onto
+``<out>``; nothing ever appears at ``<out>`` unless it is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Type, Union
+
+import torch
+
+from mergekit_sdxl.io.hashing import autov2
+from mergekit_sdxl.io.journal import (
+    JournalError,
+    JournalState,
+    ResumeMismatch,
+    describe_fingerprint_change,
+    fsync_dir,
+    read_journal,
+    remove_quietly,
+    write_journal,
+)
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+__all__ = [
+    "DTYPE_NAMES",
+    "TORCH_DTYPES",
+    "ResumeMismatch",
+    "StreamingCheckpointWriter",
+    "TensorEntrySpec",
+    "WriteResult",
+    "build_header",
+]
+
+_MiB = 1024 * 1024
+_HASH_CHUNK = 16 * _MiB
+_MAX_HEADER = 100_000_000
+
+# torch dtype -> safetensors dtype name. Optional dtypes only where this torch has them.
+DTYPE_NAMES: Dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+for _attr, _name in (
+    ("float8_e4m3fn", "F8_E4M3"),
+    ("float8_e5m2", "F8_E5M2"),
+    ("uint16", "U16"),
+    ("uint32", "U32"),
+    ("uint64", "U64"),
+):
+    if hasattr(torch, _attr):
+        DTYPE_NAMES[getattr(torch, _attr)] = _name
+
+
+# safetensors dtype name -> torch dtype (manifests and headers speak in these names).
+TORCH_DTYPES: Dict[str, torch.dtype] = {v: k for k, v in DTYPE_NAMES.items()}
+
+
+class TensorEntrySpec(NamedTuple):
+    """One tensor of the output: its key, dtype and shape (``()`` for 0-d).
+
+    ``dtype`` may also be a safetensors name such as ``"F16"``; it is normalized to torch.
+    """
+
+    name: str
+    dtype: torch.dtype
+    shape: Tuple[int, ...]
+
+
+class WriteResult(NamedTuple):
+    """The finished file: final path, hex sha256, AutoV2 short hash, size in bytes."""
+
+    path: Path
+    sha256: str
+    autov2: str
+    size: int
+
+
+def _nbytes(spec: TensorEntrySpec) -> int:
+    n = 1
+    for d in spec.shape:
+        n *= d
+    return n * spec.dtype.itemsize
+
+
+def _normalize(entries: Sequence[TensorEntrySpec]) -> List[TensorEntrySpec]:
+    out: List[TensorEntrySpec] = []
+    seen = set()
+    for e in entries:
+        name, dtype, shape = e
+        if not isinstance(name, str) or not name or name == "__metadata__":
+            raise ValueError(f"invalid tensor name {name!r}")
+        if name in seen:
+            raise ValueError(f"duplicate tensor name {name!r}")
+        seen.add(name)
+        if isinstance(dtype, str):  # accept safetensors names ("F16") as manifests use them
+            if dtype not in TORCH_DTYPES:
+                raise ValueError(f"{name}: unknown safetensors dtype {dtype!r}")
+            dtype = TORCH_DTYPES[dtype]
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"{name}: dtype {dtype} has no safetensors equivalent")
+        shape_t = tuple(int(d) for d in shape)
+        if any(d < 0 for d in shape_t):
+            raise ValueError(f"{name}: negative dimension in shape {shape_t}")
+        out.append(TensorEntrySpec(name, dtype, shape_t))
+    return out
+
+
+def build_header(entries: Sequence[TensorEntrySpec], metadata: Optional[Mapping[str, str]]) -> bytes:
+    """Safetensors header bytes (8-byte LE length + space-padded JSON) for ``entries`` in order.
+
+    Deterministic: ``__metadata__`` first with sorted keys, then tensors in the given
+    order, compact separators, UTF-8. Padding makes the data start 8-byte aligned.
+    """
+    header: Dict[str, object] = {}
+    if metadata:
+        for k, v in metadata.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise TypeError(f"safetensors metadata must be str -> str, got {k!r}: {type(v).__name__}")
+        header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
+    offset = 0
+    for e in _normalize(entries):
+        end = offset + _nbytes(e)
+        header[e.name] = {"dtype": DTYPE_NAMES[e.dtype], "shape": list(e.shape), "data_offsets": [offset, end]}
+        offset = end
+    blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    return len(blob).to_bytes(8, "little") + blob
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """Raw little-endian bytes of ``tensor`` as a zero-copy view where possible."""
+    t = tensor.detach().cpu().contiguous()
+    # Viewing as uint8 avoids numpy dtypes altogether (numpy has no bfloat16/float8);
+    # reshape(-1) makes 0-d tensors viewable.
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _write_all(fh, data: memoryview) -> None:
+    """Write every byte to an unbuffered file (raw writes may be partial)."""
+    view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+    while view:
+        n = fh.write(view)
+        view = view[n:]
+
+
+def _hash_prefix(path: Path, length: int) -> "hashlib._Hash":
+    """sha256 object fed the first ``length`` bytes of ``path`` (raises if the file is shorter)."""
+    h = hashlib.sha256()
+    buf = bytearray(min(_HASH_CHUNK, max(length, 1)))
+    view = memoryview(buf)
+    remaining = length
+    with open(path, "rb", buffering=0) as fh:
+        while remaining:
+            n = fh.readinto(view[: min(len(buf), remaining)])
+            if not n:
+                raise EOFError(f"{path} is shorter than {length} bytes")
+            h.update(view[:n])
+            remaining -= n
+    return h
+
+
+class StreamingCheckpointWriter:
+    """Write one safetensors file tensor by tensor, in a fixed order, hashing as it goes.
+
+    Use as a context manager (an exception inside the block aborts; a clean exit closes)
+    or call ``write`` for each entry then ``close``. With ``journal=True`` progress is
+    checkpointed so ``open_or_resume`` can continue after a crash to the identical file.
+    """
+
+    def __init__(
+        self,
+        out_path: PathLike,
+        entries: Sequence[TensorEntrySpec],
+        metadata: Optional[Mapping[str, str]] = None,
+        *,
+        temp_path: Optional[PathLike] = None,
+        journal: bool = False,
+        fingerprint: str = "",
+        journal_every_bytes: int = 16 * _MiB,
+        journal_every_s: float = 5.0,
+    ) -> None:
+        """Start a fresh write (any existing temp file and journal are discarded).
+
+        ``journal_every_bytes`` / ``journal_every_s``: after a tensor completes, the journal
+        is rewritten once either this many bytes or seconds have passed since the last
+        checkpoint (0 and 0: after every tensor). Each checkpoint costs an fsync, so this
+        bounds both the fsync count on fast writes and the work lost on slow merges.
+        """
+        self._setup(out_path, entries, metadata, temp_path, journal, fingerprint, journal_every_bytes, journal_every_s)
+        self._start_fresh()
+
+    @classmethod
+    def open_or_resume(
+        cls: Type["StreamingCheckpointWriter"],
+        out_path: PathLike,
+        entries: Sequence[TensorEntrySpec],
+        metadata: Optional[Mapping[str, str]],
+        fingerprint: str,
+        restart: bool = False,
+        *,
+        temp_path: Optional[PathLike] = None,
+        journal_every_bytes: int = 16 * _MiB,
+        journal_every_s: float = 5.0,
+    ) -> "StreamingCheckpointWriter":
+        """Resume a journaled partial write of the same output if one exists, else start fresh.
+
+        Raises ``ResumeMismatch`` when the partial output was made with another fingerprint
+        or header, unless ``restart`` (then the partial output is discarded). An unreadable
+        journal or a temp file that fails verification is discarded with a warning.
+        Call ``completed_names()`` to learn which entries to skip.
+        """
+        self = cls.__new__(cls)
+        self._setup(out_path, entries, metadata, temp_path, True, fingerprint, journal_every_bytes, journal_every_s)
+        if restart or not self._try_resume():
+            self._start_fresh()
+        return self
+
+    # ------------------------------------------------------------------ setup
+
+    def _setup(
+        self,
+        out_path: PathLike,
+        entries: Sequence[TensorEntrySpec],
+        metadata: Optional[Mapping[str, str]],
+        temp_path: Optional[PathLike],
+        journal: bool,
+        fingerprint: str,
+        journal_every_bytes: int,
+        journal_every_s: float,
+    ) -> None:
+        if sys.byteorder != "little":
+            # safetensors is little-endian; byte-swapping every dtype is not worth supporting.
+            raise NotImplementedError("StreamingCheckpointWriter requires a little-endian host")
+        self.out_path = Path(out_path)
+        self.temp_path = Path(temp_path) if temp_path is not None else self.out_path.with_name(self.out_path.name + ".partial")
+        if self.temp_path.resolve() == self.out_path.resolve():
+            raise ValueError("temp_path must differ from out_path")
+        self.journal_path: Optional[Path] = self.temp_path.with_name(self.temp_path.name + ".journal") if journal else None
+        self.fingerprint = fingerprint
+        self._entries = _normalize(entries)
+        self._metadata = dict(metadata or {})
+        self._header = build_header(self._entries, self._metadata)
+        self._header_sha256 = hashlib.sha256(self._header).hexdigest()
+        self._total_size = len(self._header) + sum(_nbytes(e) for e in self._entries)
+        self._journal_every_bytes = journal_every_bytes
+        self._journal_every_s = journal_every_s
+        self._fh = None
+        self._hasher = hashlib.sha256()
+        self._index = 0  # entries fully written (and hashed)
+        self._offset = 0  # file offset where those entries end
+        self._resumed_from = 0
+        self._last_ckpt_offset = 0
+        self._last_ckpt_time = time.monotonic()
+        self._failed = False  # a write died mid-tensor: the file position is unknown
+        self._closed = False
+        self.result: Optional[WriteResult] = None
+
+    def _start_fresh(self) -> None:
+        self.temp_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.journal_path is not None:
+            # Remove the old journal before touching the temp file: a stale journal beside
+            # new bytes would be caught by the prefix hash, but never having one is cleaner.
+            remove_quietly(self.journal_path)
+            fsync_dir(self.journal_path.parent)
+            self._remove_stale_journal_temps()
+        # Unbuffered: a writer that is dropped without close (or kept alive by a traceback)
+        # must hold no pending bytes that a late finalizer could flush over a resumed file.
+        self._fh = open(self.temp_path, "wb", buffering=0)
+        _write_all(self._fh, memoryview(self._header))
+        self._hasher = hashlib.sha256(self._header)
+        self._index = 0
+        self._offset = len(self._header)
+        self._resumed_from = 0
+        if self.journal_path is not None:
+            self.checkpoint()
+
+    def _remove_stale_journal_temps(self) -> None:
+        # A crash inside a journal rewrite leaves its uniquely named temp file behind.
+        assert self.journal_path is not None
+        for stale in self.journal_path.parent.glob(f".{self.journal_path.name}.*.tmp"):
+            remove_quietly(stale)
+
+    def _try_resume(self) -> bool:
+        """Reopen the temp file at the journal's offset; False means start fresh."""
+        assert self.journal_path is not None
+        if not self.journal_path.exists():
+            if self.temp_path.exists():
+                logger.info("%s has no journal; starting %s from scratch", self.temp_path, self.out_path)
+            return False
+        try:
+            state = read_journal(self.journal_path)
+        except JournalError as exc:
+            logger.warning("%s; starting %s from scratch", exc, self.out_path)
+            return False
+        if state.fingerprint != self.fingerprint:
+            raise ResumeMismatch(
+                f"a partial output {self.temp_path} exists from a run with a different configuration or inputs "
+                f"({describe_fingerprint_change(state.fingerprint, self.fingerprint)}). "
+                "Pass --restart (restart=True) to discard it and start over."
+            )
+        if not self.temp_path.exists():
+            # Also the state after a crash between close()'s rename and its journal removal,
+            # in which case out_path is already complete; the window is tiny, so just say so.
+            logger.warning(
+                "journal %s has no temp file %s%s; starting from scratch",
+                self.journal_path,
+                self.temp_path,
+                f" ({self.out_path} exists and may be complete)" if self.out_path.exists() else "",
+            )
+            return False
+        old_header = self._read_temp_header()
+        if old_header != self._header:
+            raise ResumeMismatch(
+                f"a partial output {self.temp_path} exists with the same fingerprint but a different layout "
+                f"({self._describe_header_change(old_header)}). "
+                "Pass --restart (restart=True) to discard it and start over."
+            )
+        expected_offset = len(self._header) + sum(_nbytes(e) for e in self._entries[: state.completed])
+        if state.total_entries != len(self._entries) or state.offset != expected_offset:
+            logger.warning("journal %s is inconsistent with the entry list; starting from scratch", self.journal_path)
+            return False
+        try:
+            hasher = _hash_prefix(self.temp_path, state.offset)
+        except (OSError, EOFError) as exc:
+            logger.warning("cannot resume from %s (%s); starting from scratch", self.temp_path, exc)
+            return False
+        if hasher.hexdigest() != state.prefix_sha256:
+            logger.warning("%s does not match its journal (prefix sha256 differs); starting from scratch", self.temp_path)
+            return False
+        # Bytes past the journal's offset may be a torn tensor or unsynced data: drop them.
+        fh = open(self.temp_path, "r+b", buffering=0)
+        try:
+            fh.truncate(state.offset)
+            fh.seek(state.offset)
+        except BaseException:
+            fh.close()
+            raise
+        self._remove_stale_journal_temps()
+        self._fh = fh
+        self._hasher = hasher
+        self._index = self._resumed_from = state.completed
+        self._offset = self._last_ckpt_offset = state.offset
+        logger.info(
+            "resuming %s: %d/%d tensors (%.1f MiB) already written",
+            self.out_path,
+            state.completed,
+            len(self._entries),
+            state.offset / _MiB,
+        )
+        return True
+
+    def _read_temp_header(self) -> bytes:
+        try:
+            with open(self.temp_path, "rb") as fh:
+                head = fh.read(8)
+                if len(head) < 8:
+                    return head
+                n = int.from_bytes(head, "little")
+                # safetensors caps headers at 100 MB; a garbage length must not make us read GBs.
+                return head + fh.read(min(n, _MAX_HEADER))
+        except OSError:
+            return b""
+
+    def _describe_header_change(self, old: bytes) -> str:
+        try:
+            old_obj = json.loads(old[8:].decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return "the existing header is unreadable"
+        new_obj = json.loads(self._header[8:].decode("utf-8"))
+        if old_obj.get("__metadata__") != new_obj.get("__metadata__"):
+            om, nm = old_obj.get("__metadata__") or {}, new_obj.get("__metadata__") or {}
+            keys = sorted(k for k in set(om) | set(nm) if om.get(k) != nm.get(k))
+            return "metadata changed: " + ", ".join(keys)
+        old_names = [k for k in old_obj if k != "__metadata__"]
+        new_names = [k for k in new_obj if k != "__metadata__"]
+        for a, b in zip(old_names, new_names):
+            if a != b:
+                return f"tensor order differs at {a!r} vs {b!r}"
+            if old_obj[a] != new_obj[b]:
+                return f"tensor {a!r} changed: {old_obj[a]} -> {new_obj[b]}"
+        return f"tensor count changed: {len(old_names)} -> {len(new_names)}"
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def entries(self) -> List[TensorEntrySpec]:
+        """The entry list, in file order."""
+        return list(self._entries)
+
+    def completed_names(self) -> List[str]:
+        """Names already on disk (after a resume, plus any written since); callers skip these."""
+        return [e.name for e in self._entries[: self._index]]
+
+    def pending_names(self) -> List[str]:
+        """Names still to be written, in the order ``write`` expects them."""
+        return [e.name for e in self._entries[self._index :]]
+
+    @property
+    def resumed_from(self) -> int:
+        """How many entries were already on disk when this writer opened (0 for a fresh write)."""
+        return self._resumed_from
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append ``tensor`` as entry ``name``, which must be the next entry in order."""
+        if self._closed:
+            raise RuntimeError(f"writer for {self.out_path} is closed")
+        if self._failed:
+            raise RuntimeError(f"an earlier write to {self.temp_path} failed; the writer must be aborted")
+        if self._index >= len(self._entries):
+            raise ValueError(f"unexpected tensor {name!r}: all {len(self._entries)} entries are already written")
+        spec = self._entries[self._index]
+        if name != spec.name:
+            raise ValueError(f"out-of-order tensor: expected {spec.name!r} (entry {self._index}), got {name!r}")
+        if tensor.dtype != spec.dtype:
+            raise ValueError(f"{name}: dtype {tensor.dtype} does not match the declared {spec.dtype}")
+        if tuple(tensor.shape) != spec.shape:
+            raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not match the declared {spec.shape}")
+        data = _tensor_bytes(tensor)
+        try:
+            _write_all(self._fh, data)
+        except BaseException:
+            # Part of the tensor may be on disk; only abort (which keeps the journaled prefix) is safe.
+            self._failed = True
+            raise
+        self._hasher.update(data)
+        del data  # drop the view (and with it the tensor) before any slow checkpoint I/O
+        self._index += 1
+        self._offset += _nbytes(spec)
+        if self.journal_path is not None and (
+            self._offset - self._last_ckpt_offset >= self._journal_every_bytes
+            or time.monotonic() - self._last_ckpt_time >= self._journal_every_s
+        ):
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Make the completed entries durable and record them in the journal (no-op without one)."""
+        if self.journal_path is None or self._fh is None:
+            return
+        # Order matters for crash safety: data reaches the disk before the journal claims it.
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        write_journal(
+            self.journal_path,
+            JournalState(
+                fingerprint=self.fingerprint,
+                header_sha256=self._header_sha256,
+                total_entries=len(self._entries),
+                completed=self._index,
+                offset=self._offset,
+                prefix_sha256=self._hasher.copy().hexdigest(),
+            ),
+        )
+        self._last_ckpt_offset = self._offset
+        self._last_ckpt_time = time.monotonic()
+
+    def close(self) -> WriteResult:
+        """Finish: fsync, verify the temp file, rename it onto ``out_path``, drop the journal."""
+        if self._closed:
+            if self.result is None:
+                raise RuntimeError(f"writer for {self.out_path} was aborted")
+            return self.result
+        try:
+            if self._failed:
+                raise RuntimeError(f"an earlier write to {self.temp_path} failed")
+            if self._index != len(self._entries):
+                missing = self._entries[self._index]
+                raise ValueError(
+                    f"cannot close {self.out_path}: {len(self._entries) - self._index} of {len(self._entries)} "
+                    f"entries not written (next: {missing.name!r})"
+                )
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
+            self._verify()
+            digest = self._hasher.hexdigest()
+            os.replace(self.temp_path, self.out_path)
+            fsync_dir(self.out_path.parent)
+        except BaseException:
+            self.abort()
+            raise
+        if self.journal_path is not None:
+            remove_quietly(self.journal_path)
+        self._closed = True
+        self.result = WriteResult(self.out_path, digest, autov2(digest), self._total_size)
+        logger.info("wrote %s (%d bytes, sha256 %s)", self.out_path, self._total_size, digest)
+        return self.result
+
+    def abort(self, discard: bool = False) -> None:
+        """Stop writing; never leaves a file at ``out_path``.
+
+        With a journal the temp file is checkpointed and kept for ``open_or_resume``
+        unless ``discard``; without one it is deleted.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        keep = self.journal_path is not None and not discard
+        if self._fh is not None:
+            if keep:
+                try:
+                    # Save progress made since the last checkpoint (e.g. on Ctrl-C).
+                    self.checkpoint()
+                except Exception as exc:  # disk full etc.: the previous journal is still valid
+                    logger.warning("could not checkpoint %s on abort: %s", self.temp_path, exc)
+            try:
+                self._fh.close()
+            except OSError:
+                pass
+            self._fh = None
+        if keep:
+            logger.info("kept partial output %s for resume", self.temp_path)
+            return
+        remove_quietly(self.temp_path)
+        if self.journal_path is not None:
+            remove_quietly(self.journal_path)
+
+    def _verify(self) -> None:
+        """Check the temp file parses as safetensors with exactly the declared entries."""
+        from safetensors import safe_open
+
+        size = self.temp_path.stat().st_size
+        if size != self._total_size:
+            raise IOError(f"{self.temp_path}: size {size} != expected {self._total_size}")
+        names = {e.name: e for e in self._entries}
+        with safe_open(os.fspath(self.temp_path), framework="pt") as f:
+            keys = set(f.keys())
+            if keys != set(names):
+                raise IOError(f"{self.temp_path}: header keys differ from the entry list")
+            for name, spec in names.items():
+                sl = f.get_slice(name)
+                if sl.get_dtype() != DTYPE_NAMES[spec.dtype] or tuple(sl.get_shape()) != spec.shape:
+                    raise IOError(f"{self.temp_path}: entry {name!r} has a wrong dtype or shape")
+            if (f.metadata() or {}) != self._metadata:
+                raise IOError(f"{self.temp_path}: metadata does not read back")
+
+    def __enter__(self) -> "StreamingCheckpointWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._closed:
+            self.close()
+
+    def __repr__(self) -> str:
+        return f"StreamingCheckpointWriter({os.fspath(self.out_path)!r}, {self._index}/{len(self._entries)} written)"

@@ -1,0 +1,217 @@
+"""Geometric median (Weiszfeld), directly on points and on their Gram matrix.
+
+Every Weiszfeld iterate is a convex combination ``y = sum_k c_k u_k`` of the points, so
+the distances ``||u_i - y||`` only need the N x N Gram matrix ``G``:
+``||u_i - y||^2 = G_ii - 2 (G c)_i + c^T G c``. That lets an out-of-core merge run all the
+iterations on a tiny matrix after one streaming pass over the data.
+"""
+
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+
+__all__ = [
+    "GeoMedianResult",
+    "weiszfeld",
+    "weiszfeld_gram",
+    "GramAccumulator",
+    "GRAM_BLOCK",
+    "GRAM_SUBBLOCK",
+]
+
+# Canonical re-blocking of the element stream. These two numbers define the rounding
+# of every Gram matrix this package produces: changing them changes merged files.
+GRAM_BLOCK = 65536
+GRAM_SUBBLOCK = 256
+
+
+class GeoMedianResult(NamedTuple):
+    """Result of :func:`weiszfeld`."""
+
+    median: torch.Tensor  # [M], dtype of the points
+    coeffs: torch.Tensor  # [N] float64, median = sum_k coeffs[k] * points[k] (up to rounding)
+    iterations: int
+
+
+def _prior(weights: Optional[torch.Tensor], n: int, dtype: torch.dtype, device) -> torch.Tensor:
+    if weights is None:
+        return torch.ones(n, dtype=dtype, device=device)
+    w = torch.as_tensor(weights, dtype=dtype, device=device).reshape(-1)
+    if w.numel() != n:
+        raise ValueError(f"expected {n} weights, got {w.numel()}")
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not bool((w > 0).any()):
+        raise ValueError("median weights must be finite, >= 0 and not all zero")
+    return w
+
+
+def weiszfeld(
+    points: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+    maxiter: int = 100,
+    ftol: float = 1e-20,
+) -> GeoMedianResult:
+    """Geometric median of the rows of ``points`` [N, M], the direct iteration of the spec.
+
+    ``y0 = mean``; each step ``w_i = b_i / max(||u_i - y||, eps)``, ``y = sum w_i u_i / sum w_i``;
+    stops when ``|f_prev - f| <= ftol * f`` with ``f = mean_i ||u_i - y||`` or after ``maxiter``.
+    Computes in the points' dtype (use float32 or float64).
+    """
+    if points.dim() != 2 or points.shape[0] == 0:
+        raise ValueError("points must be [N, M] with N >= 1")
+    n = points.shape[0]
+    b = _prior(weights, n, points.dtype, points.device)
+    y = points.mean(dim=0)
+    coeffs = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    dist = torch.linalg.vector_norm(points - y, dim=1)
+    f = dist.mean()
+    it = 0
+    for it in range(1, maxiter + 1):
+        w = b / torch.clamp(dist, min=eps)
+        y = (w[:, None] * points).sum(dim=0) / w.sum()
+        coeffs = (w / w.sum()).to(device="cpu", dtype=torch.float64)
+        dist = torch.linalg.vector_norm(points - y, dim=1)
+        f_new = dist.mean()
+        done = bool(torch.abs(f - f_new) <= ftol * f_new)
+        f = f_new
+        if done:
+            break
+    return GeoMedianResult(y, coeffs, it)
+
+
+def weiszfeld_gram(
+    gram: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+    maxiter: int = 100,
+    ftol: float = 1e-20,
+) -> Tuple[torch.Tensor, int]:
+    """The :func:`weiszfeld` iteration run on the Gram matrix ``G`` [N, N] of the points.
+
+    Returns ``(coeffs float64 [N], iterations)`` with median ``= sum_k coeffs[k] u_k``.
+    Always runs on CPU in float64: the matrix is tiny, and a fixed device keeps the
+    coefficients a pure function of ``G``.
+    """
+    g = gram.to(device="cpu", dtype=torch.float64)
+    if g.dim() != 2 or g.shape[0] != g.shape[1] or g.shape[0] == 0:
+        raise ValueError("gram must be [N, N] with N >= 1")
+    n = g.shape[0]
+    b = _prior(weights, n, torch.float64, "cpu")
+    diag = torch.diagonal(g).clone()
+
+    def distances(c: torch.Tensor) -> torch.Tensor:
+        # Row sums instead of BLAS gemv/dot: small native reductions are serial and fixed-order.
+        gc = (g * c[None, :]).sum(dim=1)
+        sq = diag - 2.0 * gc + (c * gc).sum()
+        # Cancellation can make a tiny squared distance negative; it is a zero distance.
+        return torch.sqrt(torch.clamp(sq, min=0.0))
+
+    c = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    dist = distances(c)
+    f = dist.mean()
+    it = 0
+    for it in range(1, maxiter + 1):
+        w = b / torch.clamp(dist, min=eps)
+        c = w / w.sum()
+        dist = distances(c)
+        f_new = dist.mean()
+        done = bool(torch.abs(f - f_new) <= ftol * f_new)
+        f = f_new
+        if done:
+            break
+    return c, it
+
+
+def _tree_sum(parts: torch.Tensor) -> torch.Tensor:
+    """Pairwise sum over dim 0 with a tree fixed by ``parts.shape[0]`` alone."""
+    while parts.shape[0] > 1:
+        half = parts.shape[0] // 2
+        paired = parts[:half] + parts[half : 2 * half]
+        if parts.shape[0] % 2:
+            paired = torch.cat([paired, parts[2 * half :]], dim=0)
+        parts = paired
+    return parts[0]
+
+
+def _block_gram(block: torch.Tensor) -> torch.Tensor:
+    """Gram [N, N] float64 of one canonical block [N, L] (L a multiple of GRAM_SUBBLOCK)."""
+    n, length = block.shape
+    # One fixed memory layout: bmm picks its kernel (and so its rounding) from the strides.
+    sub = block.reshape(n, length // GRAM_SUBBLOCK, GRAM_SUBBLOCK).transpose(0, 1).contiguous()  # [B, N, S]
+    # Short fixed contractions (S = 256): BLAS has no reason to split them across threads,
+    # and the B partials are combined by an explicit tree, not by a reduction kernel.
+    partial = torch.bmm(sub, sub.transpose(1, 2))
+    return _tree_sum(partial)
+
+
+class GramAccumulator:
+    """Streams the Gram matrix of N points fed as consecutive element chunks.
+
+    ``update(chunk [N, k])`` may be called with any chunk sizes; the stream is re-blocked into
+    canonical blocks of GRAM_BLOCK elements, so ``result()`` is bit-identical whatever the
+    chunking and thread count (on one device). Accumulates in float64.
+    """
+
+    def __init__(self, n: int, device=None) -> None:
+        self.n = n
+        self.device = torch.device(device) if device is not None else None
+        self._total: Optional[torch.Tensor] = None
+        self._carry: List[torch.Tensor] = []
+        self._carry_len = 0
+        self._count = 0
+
+    @property
+    def elements(self) -> int:
+        """Number of elements per point seen so far."""
+        return self._count
+
+    def _add_block(self, block: torch.Tensor) -> None:
+        g = _block_gram(block)
+        if self._total is None:
+            self._total = g
+        else:
+            self._total += g
+
+    def update(self, chunk: torch.Tensor) -> None:
+        """Feed the next ``k`` elements of every point: ``chunk`` is [N, k] (any dtype)."""
+        if chunk.dim() != 2 or chunk.shape[0] != self.n:
+            raise ValueError(f"chunk must be [{self.n}, k], got {tuple(chunk.shape)}")
+        if self.device is None:
+            self.device = chunk.device
+        chunk = chunk.to(device=self.device, dtype=torch.float64)
+        self._count += chunk.shape[1]
+        if chunk.shape[1] == 0:
+            return
+        self._carry.append(chunk)
+        self._carry_len += chunk.shape[1]
+        if self._carry_len < GRAM_BLOCK:
+            return
+        data = torch.cat(self._carry, dim=1) if len(self._carry) > 1 else self._carry[0]
+        nfull = self._carry_len // GRAM_BLOCK
+        for j in range(nfull):
+            self._add_block(data[:, j * GRAM_BLOCK : (j + 1) * GRAM_BLOCK])
+        rest = data[:, nfull * GRAM_BLOCK :]
+        self._carry = [rest.clone()] if rest.shape[1] else []
+        self._carry_len = rest.shape[1]
+
+    def result(self) -> torch.Tensor:
+        """The Gram matrix [N, N] float64 of everything fed so far (the accumulator stays usable)."""
+        device = self.device if self.device is not None else torch.device("cpu")
+        total = (
+            self._total.clone()
+            if self._total is not None
+            else torch.zeros(self.n, self.n, dtype=torch.float64, device=device)
+        )
+        if self._carry_len:
+            data = torch.cat(self._carry, dim=1) if len(self._carry) > 1 else self._carry[0]
+            # Zero-pad the tail to whole sub-blocks only: padding depends on the total length
+            # alone, and exact zeros do not change any sum.
+            pad = -self._carry_len % GRAM_SUBBLOCK
+            if pad:
+                data = torch.nn.functional.pad(data, (0, pad))
+            total += _block_gram(data)
+        # gemm rounds G_ij and G_ji differently; mirror the upper triangle so G is exactly symmetric.
+        upper = torch.triu(total)
+        return upper + torch.triu(total, diagonal=1).T

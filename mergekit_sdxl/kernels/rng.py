@@ -1,0 +1,100 @@
+"""Counter-based DROP masks: a pure function of (seed, tensor name, model key, element index).
+
+Element ``i`` of a flattened tensor is kept iff ``u < keep_prob`` where ``u`` is the top 53 bits
+of ``splitmix64(key + i * GAMMA)`` scaled to [0, 1), and ``key`` mixes the seed with
+blake2b hashes of the tensor name and the model key. No generator state is involved, so the
+mask does not depend on chunking, thread count, device or the order in which keys run.
+
+torch has no general uint64 arithmetic, so the mixing runs on int64: multiplication wraps
+modulo 2^64 (two's complement) identically on CPU and CUDA, and logical right shifts are
+arithmetic shifts with the sign-extended high bits masked off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Optional
+
+import torch
+
+__all__ = ["keep_mask", "stable_hash", "mask_key", "splitmix64_int", "U_BITS"]
+
+_MASK64 = (1 << 64) - 1
+_GAMMA = 0x9E3779B97F4A7C15
+_M1 = 0xBF58476D1CE4E5B9
+_M2 = 0x94D049BB133111EB
+U_BITS = 53  # bits of u: float64-exact uniform on a 2^-53 grid
+
+
+def _signed(x: int) -> int:
+    """Reinterpret an unsigned 64-bit integer as int64."""
+    x &= _MASK64
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def splitmix64_int(x: int) -> int:
+    """splitmix64 finaliser on Python ints (the reference for the tensor version)."""
+    z = x & _MASK64
+    z = ((z ^ (z >> 30)) * _M1) & _MASK64
+    z = ((z ^ (z >> 27)) * _M2) & _MASK64
+    return z ^ (z >> 31)
+
+
+def stable_hash(text: str) -> int:
+    """64-bit unsigned hash of a string, stable across processes (unlike ``hash``)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def mask_key(seed: int, tensor_name: str, model_key: str) -> int:
+    """Unsigned 64-bit stream key for one (seed, tensor, model)."""
+    k = splitmix64_int(seed & _MASK64)
+    k = splitmix64_int(k ^ stable_hash(tensor_name))
+    return splitmix64_int(k ^ stable_hash(model_key))
+
+
+def _xor_srl_(z: torch.Tensor, s: int, tmp: torch.Tensor) -> None:
+    """In place: z ^= z >>> s (logical shift of int64 viewed as uint64)."""
+    torch.bitwise_right_shift(z, s, out=tmp)
+    tmp.bitwise_and_((1 << (64 - s)) - 1)
+    z.bitwise_xor_(tmp)
+
+
+def keep_mask(
+    seed: int,
+    tensor_name: str,
+    model_key: str,
+    start: int,
+    count: int,
+    keep_prob: float,
+    device: Optional[torch.device | str] = None,
+) -> torch.Tensor:
+    """Bool mask [count]: keep flags for flattened elements ``start .. start+count-1``.
+
+    Each element is kept with probability ``keep_prob`` (1 -> all kept, 0 -> none).
+    """
+    if not 0.0 <= keep_prob <= 1.0 or math.isnan(keep_prob):
+        raise ValueError(f"keep_prob must be in [0, 1], got {keep_prob}")
+    if start < 0 or count < 0:
+        raise ValueError("start and count must be >= 0")
+    if keep_prob >= 1.0:
+        return torch.ones(count, dtype=torch.bool, device=device)
+    if keep_prob <= 0.0:
+        return torch.zeros(count, dtype=torch.bool, device=device)
+    # u < p  <=>  top53 < p * 2^53  <=>  top53 < ceil(p * 2^53): an exact integer compare,
+    # so no float64 is needed on the device.
+    threshold = math.ceil(keep_prob * (1 << U_BITS))
+    key = mask_key(seed, tensor_name, model_key)
+    z = torch.arange(start, start + count, dtype=torch.int64, device=device)
+    tmp = torch.empty_like(z)
+    # In-place ops with one scratch buffer: fresh 8-byte-per-element temporaries cost
+    # more than the arithmetic.
+    z.mul_(_signed(_GAMMA)).add_(_signed(key))
+    _xor_srl_(z, 30, tmp)
+    z.mul_(_signed(_M1))
+    _xor_srl_(z, 27, tmp)
+    z.mul_(_signed(_M2))
+    _xor_srl_(z, 31, tmp)
+    torch.bitwise_right_shift(z, 64 - U_BITS, out=tmp)
+    tmp.bitwise_and_((1 << U_BITS) - 1)
+    return tmp < threshold

@@ -1,0 +1,450 @@
+"""Per-tensor TGMD driver: the one code path for in-memory and out-of-core merges.
+
+A tensor is read through reader callables in row chunks (any ``rows_per_chunk``), so memory
+is O(N x chunk): never N whole upcast copies. Everything per element is computed chunk-wise;
+the only whole-tensor quantities are the trim thresholds (a pre-pass, one model at a time) and
+the Gram matrix of the median (canonically blocked). The result is therefore bit-identical
+for any chunk size and thread count on a given device.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from .aggregate import disjoint_mean, ordered_sum
+from .consensus import disjoint_mask, elect_sign
+from .geomedian import GramAccumulator, weiszfeld_gram
+from .rng import keep_mask
+from .sparsify import apply_drop, apply_trim, trim_threshold
+
+__all__ = [
+    "TGMDParams",
+    "RowReader",
+    "MaskFn",
+    "rows_cols",
+    "tensor_reader",
+    "warn_bad_input",
+    "merge_task_vectors",
+    "merge_geometric_median",
+    "tgmd_merge",
+]
+
+RowReader = Callable[[int, int], Optional[torch.Tensor]]
+"""(row_start, row_end) -> rows of one tensor viewed as [rows, cols], stored dtype; None if absent."""
+
+MaskFn = Callable[[int, int, int], torch.Tensor]
+"""(model_index, element_start, count) -> keep mask Bool[count]; overrides the DROP generator."""
+
+_SIGN_ELECTIONS = ("count", "sum", "none")
+_AGGREGATES = ("median", "mean")
+
+
+@dataclass(frozen=True)
+class TGMDParams:
+    """Parameters of one TGMD-family merge. Per-model sequences index the non-base models."""
+
+    drop_rate: Sequence[float]
+    density: Sequence[float]
+    weight: Sequence[float]
+    rescale: float = 0.0
+    sign_election: str = "count"
+    aggregate: str = "median"
+    eps: float = 1e-6
+    maxiter: int = 100
+    ftol: float = 1e-20
+    lambda_: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        n = len(self.drop_rate)
+        if len(self.density) != n or len(self.weight) != n:
+            raise ValueError("drop_rate, density and weight need one entry per model")
+        for p in self.drop_rate:
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"drop_rate must be in [0, 1], got {p}")
+        for k in self.density:
+            if not 0.0 <= k <= 1.0:
+                raise ValueError(f"density must be in [0, 1], got {k}")
+        for w in self.weight:
+            if not (math.isfinite(w) and w >= 0.0):
+                raise ValueError(f"weight must be finite and >= 0, got {w}")
+        if not 0.0 <= self.rescale <= 1.0:
+            raise ValueError(f"rescale must be in [0, 1], got {self.rescale}")
+        if self.sign_election not in _SIGN_ELECTIONS:
+            raise ValueError(f"sign_election must be one of {_SIGN_ELECTIONS}, got {self.sign_election!r}")
+        if self.aggregate not in _AGGREGATES:
+            raise ValueError(f"aggregate must be one of {_AGGREGATES}, got {self.aggregate!r}")
+        if not self.eps > 0.0 or self.maxiter < 1 or not self.ftol >= 0.0:
+            raise ValueError("need eps > 0, maxiter >= 1, ftol >= 0")
+        if not math.isfinite(self.lambda_):
+            raise ValueError("lambda must be finite")
+
+
+def rows_cols(shape: Sequence[int]) -> Tuple[int, int]:
+    """How a tensor is viewed for row chunking: rows = shape[0] (1 for 0-d), cols = numel // rows."""
+    shape = tuple(shape)
+    numel = math.prod(shape)
+    rows = shape[0] if shape else 1
+    return rows, (numel // rows if rows else 0)
+
+
+def tensor_reader(t: Optional[torch.Tensor]) -> RowReader:
+    """A :data:`RowReader` over an in-memory tensor (None: a model that lacks the tensor)."""
+    if t is None:
+        return lambda r0, r1: None
+    rows, cols = rows_cols(t.shape)
+    view = t.reshape(rows, cols)
+    return lambda r0, r1: view[r0:r1]
+
+
+def warn_bad_input(model_index: int, message: str) -> None:
+    """Default ``on_bad_input``: warn and go on without that model for this tensor."""
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+class _BadInput(Exception):
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+        self.message = message
+
+
+class _Absent(Exception):
+    def __init__(self, index: int) -> None:
+        super().__init__(index)
+        self.index = index
+
+
+def _row_chunks(rows: int, rows_per_chunk: int) -> Iterator[Tuple[int, int]]:
+    step = max(1, int(rows_per_chunk))
+    for r0 in range(0, rows, step):
+        yield r0, min(rows, r0 + step)
+
+
+def _finite(x: torch.Tensor) -> bool:
+    return bool(torch.isfinite(x).all())
+
+
+class _Context:
+    """Reads and prepares chunks of one tensor (shared by all passes)."""
+
+    def __init__(self, tensor_name: str, shape: Sequence[int], compute_dtype: torch.dtype, rows_per_chunk: int, device) -> None:
+        if compute_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"compute_dtype must be float32 or float64, got {compute_dtype}")
+        self.name = tensor_name
+        self.shape = torch.Size(shape)
+        self.rows, self.cols = rows_cols(self.shape)
+        self.numel = self.shape.numel()
+        self.dtype = compute_dtype
+        self.rows_per_chunk = rows_per_chunk
+        self.device = torch.device(device) if device is not None else None
+
+    def chunks(self) -> Iterator[Tuple[int, int]]:
+        return _row_chunks(self.rows, self.rows_per_chunk)
+
+    def read(self, reader: RowReader, r0: int, r1: int, what: str) -> Optional[torch.Tensor]:
+        """Flattened chunk upcast to the compute dtype (per chunk only), or None if absent."""
+        x = reader(r0, r1)
+        if x is None:
+            return None
+        expect = (r1 - r0) * self.cols
+        if x.numel() != expect:
+            raise ValueError(f"{self.name}: {what} returned {x.numel()} elements for rows {r0}:{r1}, expected {expect}")
+        if self.device is None:
+            self.device = x.device
+        return x.reshape(-1).to(device=self.device, dtype=self.dtype)
+
+    def base(self, reader: RowReader, r0: int, r1: int) -> torch.Tensor:
+        b = self.read(reader, r0, r1, "base")
+        if b is None:
+            raise ValueError(f"{self.name}: the base model lacks this tensor")
+        if not _finite(b):
+            raise ValueError(f"{self.name}: the base model has non-finite values (rows {r0}:{r1})")
+        return b
+
+    def writer(self, out_dtype: torch.dtype) -> "_Output":
+        return _Output(self, out_dtype)
+
+
+class _Output:
+    def __init__(self, ctx: _Context, out_dtype: torch.dtype) -> None:
+        self.ctx = ctx
+        self.flat = torch.empty(ctx.numel, dtype=out_dtype, device=ctx.device)
+
+    def put(self, start: int, values: torch.Tensor) -> None:
+        cast = values.to(self.flat.dtype)
+        # Checked after the cast too: overflow of the save dtype is an error, never a clamp.
+        if not _finite(values) or not _finite(cast):
+            raise ValueError(
+                f"{self.ctx.name}: merged values are not finite in {self.flat.dtype} "
+                f"(elements {start}:{start + values.numel()})"
+            )
+        self.flat[start : start + values.numel()] = cast.to(self.flat.device)
+
+    def result(self) -> torch.Tensor:
+        return self.flat.reshape(self.ctx.shape)
+
+
+def _ordered_combination(coeffs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """sum_k coeffs[k] * rows[k] in fixed order, separate multiply and add (no FMA), so the
+    result per element does not depend on the chunk width."""
+    c = coeffs.to(device=rows.device, dtype=rows.dtype)
+    acc = torch.zeros(rows.shape[1:], dtype=rows.dtype, device=rows.device)
+    for k in range(rows.shape[0]):
+        acc += rows[k] * c[k]
+    return acc
+
+
+def _add_back(b: torch.Tensor, result: torch.Tensor, lambda_: float) -> torch.Tensor:
+    return b + (result if lambda_ == 1.0 else result * lambda_)
+
+
+def merge_task_vectors(
+    tensor_name: str,
+    shape: Sequence[int],
+    base: RowReader,
+    models: Sequence[RowReader],
+    model_keys: Sequence[str],
+    params: TGMDParams,
+    compute_dtype: torch.dtype,
+    rows_per_chunk: int,
+    out_dtype: Optional[torch.dtype] = None,
+    on_bad_input: Callable[[int, str], None] = warn_bad_input,
+    *,
+    masks: Optional[MaskFn] = None,
+    device=None,
+) -> torch.Tensor:
+    """TGMD and its relatives (TIES, TIES-SOUP, TSD, DARE-TIES) for one tensor.
+
+    ``models[i]`` reads model i (not the base); ``model_keys[i]`` names it for the DROP masks.
+    A model with non-finite values is left out of the whole tensor after calling
+    ``on_bad_input(i, message)`` (which may raise instead). A reader returning None abstains
+    (zero task vector, no vote). A non-finite result raises ValueError.
+    ``masks`` replaces the random DROP masks (tests, reproducing published masks).
+    """
+    n = len(models)
+    if len(model_keys) != n or len(params.drop_rate) != n:
+        raise ValueError(f"{tensor_name}: {n} models but {len(model_keys)} keys and {len(params.drop_rate)} parameter sets")
+    ctx = _Context(tensor_name, shape, compute_dtype, rows_per_chunk, device)
+    out_dtype = out_dtype or compute_dtype
+    excluded: List[int] = []
+    while True:
+        active = [i for i in range(n) if i not in excluded]
+        try:
+            return _tgmd_once(ctx, base, models, model_keys, params, active, out_dtype, masks)
+        except _BadInput as bad:
+            excluded.append(bad.index)
+            on_bad_input(bad.index, bad.message)
+
+
+def _tgmd_once(
+    ctx: _Context,
+    base: RowReader,
+    models: Sequence[RowReader],
+    model_keys: Sequence[str],
+    params: TGMDParams,
+    active: List[int],
+    out_dtype: torch.dtype,
+    masks: Optional[MaskFn],
+) -> torch.Tensor:
+    def delta(i: int, b: torch.Tensor, r0: int, r1: int) -> Optional[torch.Tensor]:
+        """Dropped task vector of model i on rows r0:r1 (untrimmed), None if absent."""
+        x = ctx.read(models[i], r0, r1, f"model {model_keys[i]}")
+        if x is None:
+            return None
+        d = x - b
+        if not _finite(d):
+            raise _BadInput(
+                i, f"{ctx.name}: model {model_keys[i]} has non-finite values (rows {r0}:{r1}); left out of this tensor"
+            )
+        p = params.drop_rate[i]
+        start = r0 * ctx.cols
+        if masks is not None:
+            keep = masks(i, start, d.numel()).to(device=d.device, dtype=torch.bool).reshape(-1)
+        elif p > 0.0:
+            keep = keep_mask(params.seed, ctx.name, model_keys[i], start, d.numel(), 1.0 - p, device=d.device)
+        else:
+            return d
+        return apply_drop(d, keep, p, params.rescale)
+
+    # Pre-pass: trim thresholds need each model's whole (dropped) task vector, one at a time.
+    thresholds: Dict[int, Optional[torch.Tensor]] = {}
+    for i in active:
+        if params.density[i] >= 1.0:
+            continue
+        whole = None
+        for r0, r1 in ctx.chunks():
+            b = ctx.base(base, r0, r1)
+            d = delta(i, b, r0, r1)
+            if d is None:
+                whole = None
+                break
+            if whole is None:
+                whole = torch.empty(ctx.numel, dtype=ctx.dtype, device=d.device)
+            whole[r0 * ctx.cols : r1 * ctx.cols] = d
+        if whole is not None:
+            thresholds[i] = trim_threshold(whole, params.density[i])
+        del whole
+
+    def chunk_terms(r0: int, r1: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(base chunk, u [N, k] masked task vectors, a [N, k] agreement mask)."""
+        b = ctx.base(base, r0, r1)
+        d_all = torch.zeros(len(active), b.numel(), dtype=ctx.dtype, device=b.device)
+        present = torch.zeros(len(active), dtype=torch.bool, device=b.device)
+        for j, i in enumerate(active):
+            d = delta(i, b, r0, r1)
+            if d is None:
+                continue
+            d_all[j] = apply_trim(d, thresholds.get(i))
+            present[j] = True
+        if params.sign_election == "none":
+            agree = present[:, None].expand_as(d_all)
+            return b, d_all, agree
+        sign = elect_sign(d_all, params.sign_election)  # type: ignore[arg-type]
+        agree = disjoint_mask(d_all, sign)
+        zero = torch.zeros((), dtype=ctx.dtype, device=b.device)
+        return b, torch.where(agree, d_all, zero), agree
+
+    out = None
+    if not active:  # every model left out: the base survives
+        for r0, r1 in ctx.chunks():
+            b = ctx.base(base, r0, r1)
+            if out is None:
+                out = ctx.writer(out_dtype)
+            out.put(r0 * ctx.cols, b)
+    elif params.aggregate == "mean":
+        for r0, r1 in ctx.chunks():
+            b, u, agree = chunk_terms(r0, r1)
+            if out is None:
+                out = ctx.writer(out_dtype)
+            out.put(r0 * ctx.cols, _add_back(b, disjoint_mean(u, agree), params.lambda_))
+    else:
+        gram = GramAccumulator(len(active))
+        for r0, r1 in ctx.chunks():
+            _, u, _ = chunk_terms(r0, r1)
+            gram.update(u)
+        weights = torch.tensor([params.weight[i] for i in active], dtype=torch.float64)
+        coeffs, _ = weiszfeld_gram(gram.result(), weights, params.eps, params.maxiter, params.ftol)
+        for r0, r1 in ctx.chunks():
+            b, u, _ = chunk_terms(r0, r1)
+            if out is None:
+                out = ctx.writer(out_dtype)
+            out.put(r0 * ctx.cols, _add_back(b, _ordered_combination(coeffs, u), params.lambda_))
+    if out is None:  # zero elements
+        return torch.empty(ctx.shape, dtype=out_dtype, device=ctx.device)
+    return out.result()
+
+
+def merge_geometric_median(
+    tensor_name: str,
+    shape: Sequence[int],
+    models: Sequence[RowReader],
+    weights: Optional[Sequence[float]],
+    eps: float,
+    maxiter: int,
+    ftol: float,
+    compute_dtype: torch.dtype,
+    rows_per_chunk: int,
+    out_dtype: Optional[torch.dtype] = None,
+    on_bad_input: Callable[[int, str], None] = warn_bad_input,
+    *,
+    device=None,
+) -> torch.Tensor:
+    """Plain geometric median of the models themselves (no base, no masks), via the Gram form.
+
+    Models that lack the tensor (reader None) or have non-finite values (``on_bad_input``
+    called) are left out; if none remain, ValueError.
+    """
+    n = len(models)
+    w_all = [1.0] * n if weights is None else [float(w) for w in weights]
+    if len(w_all) != n:
+        raise ValueError(f"{tensor_name}: {n} models but {len(w_all)} weights")
+    ctx = _Context(tensor_name, shape, compute_dtype, rows_per_chunk, device)
+    out_dtype = out_dtype or compute_dtype
+    excluded: List[int] = []
+    while True:
+        active = [i for i in range(n) if i not in excluded]
+        if not active:
+            raise ValueError(f"{tensor_name}: no model has usable values for the geometric median")
+        try:
+            return _geomedian_once(ctx, models, w_all, active, eps, maxiter, ftol, out_dtype)
+        except _Absent as absent:
+            excluded.append(absent.index)
+        except _BadInput as bad:
+            excluded.append(bad.index)
+            on_bad_input(bad.index, bad.message)
+
+
+def _geomedian_once(
+    ctx: _Context,
+    models: Sequence[RowReader],
+    weights: Sequence[float],
+    active: List[int],
+    eps: float,
+    maxiter: int,
+    ftol: float,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    def points(r0: int, r1: int) -> torch.Tensor:
+        rows = []
+        for i in active:
+            x = ctx.read(models[i], r0, r1, f"model {i}")
+            if x is None:
+                raise _Absent(i)
+            if not _finite(x):
+                raise _BadInput(i, f"{ctx.name}: model {i} has non-finite values (rows {r0}:{r1}); left out of this tensor")
+            rows.append(x)
+        return torch.stack(rows)
+
+    gram = GramAccumulator(len(active))
+    for r0, r1 in ctx.chunks():
+        x = points(r0, r1)
+        # The median is translation-equivariant and its coefficients translation-invariant:
+        # centring each element on the models' mean keeps the Gram form's
+        # G_ii - 2(Gc)_i + c^T G c from cancelling catastrophically for near-identical models.
+        gram.update(x - ordered_sum(x) / x.shape[0])
+    if ctx.numel == 0:
+        return torch.empty(ctx.shape, dtype=out_dtype, device=ctx.device)
+    w = torch.tensor([weights[i] for i in active], dtype=torch.float64)
+    coeffs, _ = weiszfeld_gram(gram.result(), w, eps, maxiter, ftol)
+    out = ctx.writer(out_dtype)
+    for r0, r1 in ctx.chunks():
+        out.put(r0 * ctx.cols, _ordered_combination(coeffs, points(r0, r1)))
+    return out.result()
+
+
+def tgmd_merge(
+    base: torch.Tensor,
+    models: Sequence[Optional[torch.Tensor]],
+    params: TGMDParams,
+    compute_dtype: torch.dtype = torch.float64,
+    *,
+    tensor_name: str = "tensor",
+    model_keys: Optional[Sequence[str]] = None,
+    rows_per_chunk: Optional[int] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    on_bad_input: Callable[[int, str], None] = warn_bad_input,
+    masks: Optional[MaskFn] = None,
+) -> torch.Tensor:
+    """Whole-tensor convenience over :func:`merge_task_vectors` (None in ``models``: absent)."""
+    keys = list(model_keys) if model_keys is not None else [f"model{i}" for i in range(len(models))]
+    rows, _ = rows_cols(base.shape)
+    return merge_task_vectors(
+        tensor_name,
+        base.shape,
+        tensor_reader(base),
+        [tensor_reader(m) for m in models],
+        keys,
+        params,
+        compute_dtype,
+        rows_per_chunk or max(rows, 1),
+        out_dtype,
+        on_bad_input,
+        masks=masks,
+        device=base.device,
+    )

@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny / synthetic SDXL factories, the tiny diffusers config folder, and
+isolation of mergekit's class-level loader cache between tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def synthetic_sdxl_factory(tmp_path):
+    """``make(name, seed=0, base=None, **kw) -> Path``: a width-scaled synthetic SDXL (~40 MB at 1/16)."""
+    from mergekit_sdxl.sdxl.tiny import write_synthetic_sdxl
+
+    def make(name: str, seed: int = 0, base=None, **kw) -> Path:
+        path = tmp_path / (name if name.endswith(".safetensors") else f"{name}.safetensors")
+        write_synthetic_sdxl(path, seed=seed, base=base, **kw)
+        return path
+
+    return make
+
+
+@pytest.fixture
+def tiny_sdxl_factory(tmp_path):
+    """``make(name, seed=0, base=None, **kw) -> Path``: a tiny diffusers-loadable SDXL file."""
+    from mergekit_sdxl.sdxl.tiny import write_tiny_sdxl
+
+    def make(name: str, seed: int = 0, base=None, **kw) -> Path:
+        path = tmp_path / (name if name.endswith(".safetensors") else f"{name}.safetensors")
+        write_tiny_sdxl(path, seed=seed, base=base, **kw)
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_config_dir(tmp_path_factory) -> Path:
+    """Local diffusers config folder for ``from_single_file(..., config=tiny_config_dir)``."""
+    from mergekit_sdxl.sdxl.tiny import write_tiny_config_dir
+
+    return write_tiny_config_dir(tmp_path_factory.mktemp("tiny_sdxl_config"))
+
+
+@pytest.fixture(autouse=True)
+def _clear_mergekit_loader_cache():
+    yield
+    try:
+        from mergekit.io.tasks import LoaderCache
+    except ImportError:
+        return
+    loaders = getattr(LoaderCache, "loaders", None)
+    if loaders is not None:
+        loaders.clear()
