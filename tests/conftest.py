@@ -3,6 +3,7 @@ isolation of mergekit's class-level loader cache between tests."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,14 @@ def tiny_config_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _clear_mergekit_loader_cache():
+    """mergekit's LoaderCache keeps open loaders in a class-level dict across tests: clear it.
+
+    Only touches mergekit when a test already imported it (an unimported module has no cache),
+    so pure-format tests never pay mergekit's import time.
+    """
     yield
+    if sys.modules.get("mergekit.io.tasks") is None:
+        return
     try:
         from mergekit.io.tasks import LoaderCache
     except ImportError:

@@ -252,7 +252,6 @@ class GeometricMedianMethod(ChunkedMergeMethod):
             compute_dtype=compute_dtype,
             rows_per_chunk=rows,
             out_dtype=out_dtype,
-            model_keys=inputs.model_keys,
             on_bad_input=_bad_input_handler(inputs, parameters["on_nonfinite"]),
         )
 

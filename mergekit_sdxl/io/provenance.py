@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -264,7 +265,7 @@ def render_model_card(
     title = metadata.get("modelspec.title") or out.stem
     pred = metadata.get("modelspec.prediction_type", "epsilon")
     cfg = config_name or "config.yaml"
-    cmd = command or f"mergekit-sdxl merge {cfg} {out.name}"
+    cmd = command or f"mergekit-sdxl merge {shlex.quote(cfg)} {shlex.quote(out.name)}"
     lines: List[str] = [
         "---",
         "tags:",
