@@ -115,6 +115,7 @@ def test_flags_variants_and_extra_keys(tmp_path):
     # text_projection.weight stands for text_projection; flags are not "extra"
     assert TP not in det.missing
     assert det.extra == sorted(["model_ema.decay", "lora_unet_down_blocks_0.alpha", "alphas_cumprod"])
+    assert det.extra_kinds == {"ema": 1, "lora": 1, "schedule": 1}
     # position_ids is optional, out.2.bias is not
     assert det.missing == [U + "out.2.bias"]
     assert det.missing_optional == [POS]

@@ -75,7 +75,7 @@ def test_stock_mergekit_yaml_merges_sdxl_single_files(three_models, tmp_path, me
         expected = 0.75 * xa + 0.25 * xb
     else:
         da, db = xa - xbase, xb - xbase
-        sign = torch.sign(da + db)
+        sign = torch.where(da + db >= 0, 1.0, -1.0)  # mergekit's TIES breaks a tied vote towards +
         keep_a, keep_b = (torch.sign(da) == sign), (torch.sign(db) == sign)
         total = da * keep_a + db * keep_b
         count = keep_a.float() + keep_b.float()

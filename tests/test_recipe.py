@@ -282,3 +282,17 @@ def test_inspect_shows_merge_provenance(folder, cache, tmp_path):
     r = CliRunner().invoke(_app(), ["inspect", "--json", "--no-hash", str(out)])
     rec = json.loads(r.stdout)[0]["merged_recipe"]
     assert [i["sha256"] for i in rec["inputs"]] == [i.sha256 for i in res.inputs]
+
+
+def test_config_inputs_order_and_roles(folder, cache):
+    from mergekit.config import MergeConfiguration
+
+    from mergekit_sdxl.host.recipe import config_input_infos, config_inputs
+
+    res = build_recipe(folder["models"], folder["base"], "tgmd", scan=True, cache=cache)
+    cfg = MergeConfiguration.model_validate(yaml.safe_load(res.yaml_text))
+    pairs = config_inputs(cfg)
+    assert pairs == [(i.path, i.role) for i in res.inputs]
+    assert pairs[0] == (str(folder["base"].resolve()), "base")
+    infos = config_input_infos(cfg, cache=cache)
+    assert [(i.sha256, i.role) for i in infos] == [(i.sha256, i.role) for i in res.inputs]

@@ -122,6 +122,14 @@ def format_table(reports: Sequence[FileReport], *, show_scan: bool = False, base
         details: List[str] = list(d.notes)
         if d.missing:
             details.append(f"missing: {', '.join(d.missing[:5])}" + (f" (+{len(d.missing) - 5})" if len(d.missing) > 5 else ""))
+        if d.missing_optional:
+            details.append(
+                f"{len(d.missing_optional)} optional keys absent: {', '.join(d.missing_optional[:3])}"
+                + (f" (+{len(d.missing_optional) - 3})" if len(d.missing_optional) > 3 else "")
+            )
+        if d.extra:
+            kinds = ", ".join(f"{k} {n}" for k, n in d.extra_kinds.items())
+            details.append(f"{len(d.extra)} keys outside the SDXL manifest ({kinds}): ignored by merges")
         if d.wrong_shape:
             k, e, g = d.wrong_shape[0]
             details.append(f"wrong shape: {k} {list(g)} (expected {list(e)})" + (f" (+{len(d.wrong_shape) - 1})" if len(d.wrong_shape) > 1 else ""))

@@ -37,7 +37,7 @@ from mergekit_sdxl.host.methods import set_chunk_bytes
 from mergekit_sdxl.host.options import SDXLOptions
 from mergekit_sdxl.host.planner import planning_options
 from mergekit_sdxl.host.plugin import register_all
-from mergekit_sdxl.host.tasks import DonorTensor, OutputTensor
+from mergekit_sdxl.host.tasks import DonorTensor, OutputTensor, PositionIds
 from mergekit_sdxl.io.writer import StreamingCheckpointWriter, TensorEntrySpec, WriteResult
 
 LOG = logging.getLogger(__name__)
@@ -98,6 +98,8 @@ def _entries(planned, out_dtype: str, flags: Sequence[str]) -> Tuple[List[Tensor
                     continue
                 raise MergeError(f"{task.model}: key {name} is missing (needed from that file)")
             shape = index.shapes[name]
+        elif isinstance(task, PositionIds):
+            shape = (1, 77)
         else:
             shape = None
             for model in _models_of(task):
@@ -223,7 +225,7 @@ def run_sdxl_merge(
     position = 0
     read_start = sum(l.bytes_read for l in loaders)
     with writer, tqdm(total=total_read, unit="B", unit_scale=True, desc="merging", disable=options.quiet) as bar:
-        executor = Executor(
+        executor = StreamingExecutor(
             targets=[task for _, task in pending],
             math_device=torch.device(options.device or "cpu"),
             storage_device=torch.device("cpu"),
@@ -253,6 +255,34 @@ def run_sdxl_merge(
     write_sidecars(out_path, metadata, result.sha256, result.autov2, infos)
     bytes_read = sum(l.bytes_read for l in loaders) - read_start
     return MergeResult(write=result, keys=len(entries), bytes_read=bytes_read, seconds=time.monotonic() - started)
+
+
+class StreamingExecutor(Executor):
+    """mergekit's ``Executor`` with O(1) target lookup and no progress bar of its own.
+
+    ``Executor._run`` tests ``task_handle in self.targets`` against a list: with
+    2515 targets that is millions of pydantic ``__eq__`` calls per merge.
+    """
+
+    def _run(self, quiet: bool = False, desc: Optional[str] = None):
+        last_use = self.schedule.last_use_index
+        targets = set(self.targets)
+        values: Dict = dict(self.cached_values or {})
+        for index, handle in enumerate(self.schedule.tasks):
+            task = handle.task()
+            on_math_device = task.uses_accelerator()
+            arguments = {}
+            for name, dependency in handle.arguments().items():
+                value = values[dependency]
+                arguments[name] = self._move_tensors(value, self.math_device) if on_math_device else value
+            result = self._move_tensors(task.execute(**arguments), self.storage_device)
+            del arguments
+            values[handle] = result
+            del result
+            if handle in targets:
+                yield handle, values[handle]
+            for key in [k for k in values if index >= last_use[k]]:
+                del values[key]
 
 
 def _expected_read_bytes(pending) -> int:

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from mergekit_sdxl.sdxl.detect import Detection, detect
-from mergekit_sdxl.sdxl.header import DTYPE_SIZES, CheckpointError, SafetensorsHeader, read_header
+from mergekit_sdxl.sdxl.header import CheckpointError, SafetensorsHeader, read_header
+from mergekit_sdxl.sdxl.keys import canonical_name, canonical_shape
 from mergekit_sdxl.sdxl.manifest import COMPONENT_PREFIXES, SDXL_KEYS
 
 logger = logging.getLogger(__name__)
@@ -278,21 +279,15 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def canonical_shapes(header: SafetensorsHeader) -> Dict[str, Tuple[int, ...]]:
-    """Manifest key -> shape as stored (``text_projection.weight`` under its canonical name;
-    2-D VAE attention weights reported as their 4-D conv form)."""
+    """Manifest key -> shape after key hygiene (``text_projection.weight`` under its sgm name and
+    orientation, 2-D VAE attention as 4-D, ``position_ids`` [1, 77]): what the merge will see."""
     out: Dict[str, Tuple[int, ...]] = {}
-    tp_w = COMPONENT_PREFIXES["clip_g"] + "text_projection.weight"
-    tp = COMPONENT_PREFIXES["clip_g"] + "text_projection"
     for name, info in header.tensors.items():
-        key = tp if name == tp_w else name
-        spec = SDXL_KEYS.get(key)
-        if spec is None:
+        key = canonical_name(name)
+        if key is None:
             continue
-        shape = tuple(info.shape)
-        if len(spec.shape) == 4 and spec.shape[2:] == (1, 1) and len(shape) == 2 and key.startswith(COMPONENT_PREFIXES["vae"]):
-            shape = shape + (1, 1)
         if key not in out or name == key:
-            out[key] = shape
+            out[key] = canonical_shape(key, name, tuple(info.shape))
     return out
 
 
@@ -403,7 +398,7 @@ def preflight(
                 if rs is not None and rs != shape and not any(k == key for k, _, _ in det.wrong_shape):
                     problems.append(f"{p}: key {key} has shape {list(shape)} but {ref} has {list(rs)}")
         for name, info in headers[p].tensors.items():
-            if name in SDXL_KEYS or name.endswith("text_projection.weight"):
+            if canonical_name(name) is not None:
                 report.bytes_to_read += info.nbytes
                 if info.numel > largest[1]:
                     largest = (name, info.numel)

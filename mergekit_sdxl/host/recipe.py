@@ -46,6 +46,8 @@ __all__ = [
     "discover_checkpoints",
     "build_recipe",
     "render_recipe_yaml",
+    "config_inputs",
+    "config_input_infos",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -399,3 +401,55 @@ def _exclusion_reason(
         other = "v-prediction" if base_pred == "v" else "epsilon-prediction"
         return f"{what} model, but the base is {other} (pass --allow-vpred-mix to keep it)"
     return None
+
+
+def config_inputs(config: Any) -> List[Tuple[str, str]]:
+    """``(path, role)`` of every input a mergekit config references, in a stable order: the base
+    first (``"base"``), then ``models:`` / slices / modules in the order written (``"model"``),
+    each path once. Duck-typed on ``MergeConfiguration`` (``base_model``, ``models``, ``slices``,
+    ``modules``), so it works before or after mergekit normalises the config.
+
+    Use it for provenance instead of ``MergeConfiguration.referenced_models()`` (a set: its order
+    changes from run to run, and so would the metadata and the output's sha256).
+    """
+    out: List[Tuple[str, str]] = []
+
+    def add(ref: Any, role: str) -> None:
+        if ref is None:
+            return
+        path = ref.model.path if hasattr(ref, "model") else str(ref)
+        if all(p != path for p, _ in out):
+            out.append((path, role))
+
+    add(getattr(config, "base_model", None), "base")
+    for m in getattr(config, "models", None) or []:
+        add(m.model, "model")
+    for s in getattr(config, "slices", None) or []:
+        add(getattr(s, "base_model", None), "base")
+        for src in s.sources:
+            add(src.model, "model")
+    for mod in (getattr(config, "modules", None) or {}).values():
+        for m in mod.models or []:
+            add(m.model, "model")
+        for s in mod.slices or []:
+            add(getattr(s, "base_model", None), "base")
+            for src in s.sources:
+                add(src.model, "model")
+    return out
+
+
+def config_input_infos(config: Any, cache=None, extra_paths: Sequence[Tuple[str, str]] = ()) -> List[InputInfo]:
+    """:class:`InputInfo` (size, cached sha256, AutoV2, legacy hash, role) of every input of a
+    config in :func:`config_inputs` order, for :func:`~mergekit_sdxl.io.provenance.build_metadata`.
+    ``extra_paths``: more ``(path, role)`` pairs, e.g. ``(vae_source, "vae")``."""
+    from mergekit_sdxl.io.provenance import input_info
+
+    if cache is None:
+        from mergekit_sdxl.io.hashing import HashCache
+
+        cache = HashCache()
+    pairs = config_inputs(config)
+    for p, role in extra_paths:
+        if all(q != p for q, _ in pairs):
+            pairs.append((p, role))
+    return [input_info(p, role=role, cache=cache) for p, role in pairs]

@@ -104,7 +104,7 @@ def tensor_reader(t: Optional[torch.Tensor]) -> RowReader:
 
 def warn_bad_input(model_index: int, message: str) -> None:
     """Default ``on_bad_input``: warn and go on without that model for this tensor."""
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    warnings.warn(f"{message}; left out of this tensor", RuntimeWarning, stacklevel=3)
 
 
 class _BadInput(Exception):
@@ -260,7 +260,7 @@ def _tgmd_once(
         d = x - b
         if not _finite(d):
             raise _BadInput(
-                i, f"{ctx.name}: model {model_keys[i]} has non-finite values (rows {r0}:{r1}); left out of this tensor"
+                i, f"{ctx.name}: model {model_keys[i]} has non-finite values (rows {r0}:{r1})"
             )
         p = params.drop_rate[i]
         start = r0 * ctx.cols
@@ -397,7 +397,7 @@ def _geomedian_once(
             if x is None:
                 raise _Absent(i)
             if not _finite(x):
-                raise _BadInput(i, f"{ctx.name}: model {i} has non-finite values (rows {r0}:{r1}); left out of this tensor")
+                raise _BadInput(i, f"{ctx.name}: model {i} has non-finite values (rows {r0}:{r1})")
             rows.append(x)
         return torch.stack(rows)
 

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple
 
 from .header import SafetensorsHeader
+from .keys import FLAG_KEYS, canonical_name, canonical_shape, classify_extra_key
 from .manifest import COMPONENT_PREFIXES, OPTIONAL_KEYS, SDXL_KEYS
 
 __all__ = [
@@ -56,15 +57,13 @@ _CLIP_G = COMPONENT_PREFIXES["clip_g"]
 LABEL_EMB_KEY = _UNET + "label_emb.0.0.weight"
 IN0_KEY = _UNET + "input_blocks.0.0.weight"
 CLIP_G_TOKEN_KEY = _CLIP_G + "token_embedding.weight"
-TEXT_PROJECTION_KEY = _CLIP_G + "text_projection"
-TEXT_PROJECTION_WEIGHT_KEY = _CLIP_G + "text_projection.weight"
 
 # Full-size reference shapes used to tell a full-size file from a width-scaled one.
 _FULL_LABEL_EMB = (1280, 2816)
 _FULL_CLIP_G_TOKEN = (49408, 1280)
 
 # Presence-only marker tensors: never "extra".
-_FLAG_NAMES = frozenset({"v_pred", "ztsnr"})
+_FLAG_NAMES = frozenset(FLAG_KEYS)
 _VPRED_KEYS = ("v_pred", "edm_vpred.sigma_max")
 
 # safetensors dtype -> torch dtype name, for float dtypes.
@@ -96,6 +95,7 @@ class Detection:
     merged_recipe: Optional[Dict[str, Any]] = None  # our provenance, or A1111's sd_merge_recipe
     scaled: bool = False  # width-scaled (test/benchmark) model: shapes checked for rank only
     missing_optional: List[str] = field(default_factory=list)  # OPTIONAL_KEYS absent (harmless)
+    extra_kinds: Dict[str, int] = field(default_factory=dict)  # ema / lora / schedule / other -> count
     in_channels: Optional[int] = None  # input_blocks.0.0.weight dim 1
     n_tensors: int = 0
     notes: List[str] = field(default_factory=list)
@@ -200,37 +200,29 @@ def _is_scaled(header: SafetensorsHeader) -> bool:
     return False
 
 
-def _shape_ok(key: str, expected: Tuple[int, ...], got: Tuple[int, ...], scaled: bool) -> bool:
-    # VAE attention stored as Linear [512,512] instead of conv [512,512,1,1]: both are accepted.
-    if len(expected) == 4 and expected[2:] == (1, 1) and len(got) == 2 and key.startswith(COMPONENT_PREFIXES["vae"]):
-        return scaled or got == expected[:2]
+def _shape_ok(expected: Tuple[int, ...], got: Tuple[int, ...], scaled: bool) -> bool:
+    """``got`` is the canonical shape (VAE attention 2-D -> 4-D, text_projection.weight -> [in, out])."""
     if scaled:
         return len(got) == len(expected)
     return got == expected
 
 
-def _canonical(name: str) -> str:
-    """Manifest name a file key stands for (only the ``text_projection.weight`` variant differs)."""
-    try:
-        from .keys import canonical_name
-    except ImportError:  # keys.py is written in parallel; the rule below is the documented one
-        return TEXT_PROJECTION_KEY if name == TEXT_PROJECTION_WEIGHT_KEY else name
-    return canonical_name(name)
-
-
 def _key_diff(header: SafetensorsHeader, family: str, scaled: bool, det: Detection) -> None:
     present: Dict[str, Tuple[int, ...]] = {}
     extra: List[str] = []
+    kinds: Dict[str, int] = {}
     for name, info in header.tensors.items():
-        canon = name if name in SDXL_KEYS else _canonical(name)
-        if canon in SDXL_KEYS:
-            # text_projection.weight is [out, in] (square): same shape as the canonical key.
+        canon = canonical_name(name)
+        if canon is not None:
+            # the sgm name wins over its .weight variant when a file carries both
             if canon not in present or name == canon:
-                present[canon] = tuple(info.shape)
-        elif name in _FLAG_NAMES:
+                present[canon] = canonical_shape(canon, name, tuple(info.shape))
             continue
-        else:
-            extra.append(name)
+        kind = classify_extra_key(name)
+        if kind.startswith("flag:"):
+            continue
+        extra.append(name)
+        kinds[kind] = kinds.get(kind, 0) + 1
     missing: List[str] = []
     missing_opt: List[str] = []
     wrong: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = []
@@ -241,11 +233,12 @@ def _key_diff(header: SafetensorsHeader, family: str, scaled: bool, det: Detecti
             continue
         if family == "sdxl-inpaint" and key == IN0_KEY:
             continue  # 9 input channels by definition
-        if not _shape_ok(key, tuple(spec.shape), got, scaled):
+        if not _shape_ok(tuple(spec.shape), got, scaled):
             wrong.append((key, tuple(spec.shape), got))
     det.missing = missing
     det.missing_optional = missing_opt
     det.extra = sorted(extra)
+    det.extra_kinds = dict(sorted(kinds.items()))
     det.wrong_shape = wrong
 
 
