@@ -20,6 +20,8 @@ def report_result(result, echo=click.echo) -> None:
     """Print what a user publishes: path, size, sha256, AutoV2."""
     write = result.write
     echo(f"wrote {write.path} ({write.size / 1e9:.3f} GB, {result.keys} tensors, {result.seconds:.1f} s)")
+    rate = result.bytes_read / max(result.seconds, 1e-9) / 1e9
+    echo(f"read {result.bytes_read / 1e9:.3f} GB from the inputs ({rate:.2f} GB/s)")
     echo(f"sha256 {write.sha256}")
     echo(f"AutoV2 {write.autov2}")
 

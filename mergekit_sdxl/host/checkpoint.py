@@ -1,6 +1,9 @@
 """SDXL single-file checkpoints as mergekit models: config, tensor index and lazy loader.
 
-A ``.safetensors`` path in a mergekit config is read as one SDXL checkpoint. The
+A ``.safetensors`` path in a mergekit config is read as one SDXL checkpoint. Tensor
+bytes are read with ``pread`` from one file descriptor kept open for the whole
+merge (not through mmap: mapped pages would count in the process' resident
+memory for every input at once), whole or as contiguous row ranges. The
 index exposes canonical (manifest) key names only, so key hygiene happens once,
 at the loader: ``text_projection.weight`` variants are transposed to the sgm
 ``text_projection``, 2-D VAE attention weights get their 1x1 conv shape back,
@@ -16,7 +19,6 @@ import threading
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, List, Optional, Tuple
 
-import safetensors
 import torch
 from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex, ShardInfo
 from transformers import PretrainedConfig
@@ -61,6 +63,8 @@ class SDXLCheckpointIndex(ShardedTensorIndex):
     dtypes: Dict[str, str] = field(default_factory=dict)
     flags: FrozenSet[str] = frozenset()
     dropped: Tuple[str, ...] = ()
+    # canonical name -> absolute (start, end) byte range of the stored tensor
+    byte_ranges: Dict[str, Tuple[int, int]] = field(default_factory=dict)
 
     @classmethod
     def from_checkpoint(cls, path: str) -> "SDXLCheckpointIndex":
@@ -68,6 +72,7 @@ class SDXLCheckpointIndex(ShardedTensorIndex):
         stored_names: Dict[str, str] = {}
         shapes: Dict[str, Tuple[int, ...]] = {}
         stored_shapes: Dict[str, Tuple[int, ...]] = {}
+        byte_ranges: Dict[str, Tuple[int, int]] = {}
         dtypes: Dict[str, str] = {}
         flags = set()
         dropped: List[str] = []
@@ -85,6 +90,7 @@ class SDXLCheckpointIndex(ShardedTensorIndex):
             stored_names[canonical] = stored
             shapes[canonical] = _canonical_shape(canonical, stored, tuple(info.shape))
             stored_shapes[canonical] = tuple(info.shape)
+            byte_ranges[canonical] = header.absolute_offsets(stored)
             dtypes[canonical] = info.dtype
         if dropped:
             LOG.warning(
@@ -107,30 +113,72 @@ class SDXLCheckpointIndex(ShardedTensorIndex):
             stored_names=stored_names,
             shapes=shapes,
             stored_shapes=stored_shapes,
+            byte_ranges=byte_ranges,
             dtypes=dtypes,
             flags=frozenset(flags),
             dropped=tuple(sorted(dropped)),
         )
 
 
+_TORCH_DTYPES = {
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
 class SDXLCheckpointLoader(LazyTensorLoader):
-    """Lazy loader over one open checkpoint; reads whole tensors or row ranges."""
+    """Lazy loader over one checkpoint file; reads whole tensors or row ranges."""
 
     index: SDXLCheckpointIndex
 
     def __init__(self, index: SDXLCheckpointIndex):
         super().__init__(index, lazy_unpickle=False)
-        self._handle = None
+        self._fd: Optional[int] = None
         self.bytes_read = 0
 
-    def _open(self):
-        # One handle per file for the whole merge: no reopen per tensor.
-        if self._handle is None:
+    def _read(self, key: str, start: int, stop: int) -> bytearray:
+        if self._fd is None:
             try:
-                self._handle = safetensors.safe_open(self.index.file_path, framework="pt", device="cpu")
-            except Exception as error:  # noqa: BLE001 - re-raised with the file named
+                self._fd = os.open(self.index.file_path, os.O_RDONLY)
+            except OSError as error:
                 raise CheckpointError(self.index.file_path, f"cannot open: {error}") from error
-        return self._handle
+        length = stop - start
+        buffer = bytearray(length)
+        view = memoryview(buffer)
+        done = 0
+        while done < length:
+            got = os.preadv(self._fd, [view[done:]], start + done)
+            if got <= 0:
+                raise CheckpointError(self.index.file_path, "file ends inside this tensor (truncated?)", key=key)
+            done += got
+        self.bytes_read += length
+        return buffer
+
+    def _stored_rows(self, key: str, row_start: int, row_stop: int) -> torch.Tensor:
+        """Rows of the tensor as stored (row-major, so a row range is one byte range)."""
+        shape = self.index.stored_shapes[key]
+        dtype = _TORCH_DTYPES.get(self.index.dtypes[key])
+        if dtype is None:
+            raise CheckpointError(self.index.file_path, f"unsupported dtype {self.index.dtypes[key]}", key=key)
+        rows = shape[0] if shape else 1
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        row_bytes = (numel // rows if rows else 0) * torch.empty(0, dtype=dtype).element_size()
+        begin, _end = self.index.byte_ranges[key]
+        data = self._read(key, begin + row_start * row_bytes, begin + row_stop * row_bytes)
+        flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+        if row_start == 0 and row_stop == rows:
+            return flat.reshape(shape)
+        return flat.reshape((row_stop - row_start,) + tuple(shape[1:]))
 
     def get_tensor(
         self,
@@ -150,11 +198,11 @@ class SDXLCheckpointLoader(LazyTensorLoader):
                 return None
         if key == POSITION_IDS_KEY:
             return sdxl_keys.position_ids().to(device)
-        stored = self.index.stored_names[key]
+        shape = self.index.stored_shapes[key]
         with self.lock:
-            tensor = self._open().get_tensor(stored)
-        self.bytes_read += tensor.numel() * tensor.element_size()
-        if stored != key or tensor.shape != self.index.shapes[key]:
+            tensor = self._stored_rows(key, 0, shape[0] if shape else 1)
+        stored = self.index.stored_names[key]
+        if stored != key or tuple(tensor.shape) != tuple(self.index.shapes[key]):
             tensor = sdxl_keys.canonicalize_tensor(key, stored, tensor)
         return tensor.to(device)
 
@@ -170,17 +218,18 @@ class SDXLCheckpointLoader(LazyTensorLoader):
             # Variants need the whole tensor to be normalised; they are small.
             return self.get_tensor(key).reshape(rows, cols)[start:stop]
         with self.lock:
-            part = self._open().get_slice(stored)[start:stop]
-        self.bytes_read += part.numel() * part.element_size()
+            part = self._stored_rows(key, start, stop)
         return part.reshape(stop - start, cols)
 
     def flush(self) -> None:
-        # Keep the handle: mergekit flushes between shards, we have one file.
+        # Keep the descriptor: mergekit flushes between shards, a checkpoint is one file.
         pass
 
     def close(self) -> None:
         with self.lock:
-            self._handle = None
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
 def _canonical_shape(canonical: str, stored: str, shape: Tuple[int, ...]) -> Tuple[int, ...]:
