@@ -44,7 +44,8 @@ def inspect_paths(paths: Sequence[Path], *, hash: bool = True, scan: bool = Fals
         from mergekit_sdxl.io.hashing import HashCache
 
         cache = HashCache()
-    return [inspect_file(p, hash=hash, scan=scan, cache=cache) for p in expand_paths(paths)]
+    progress = hash and sys.stderr.isatty()  # a progress bar while hashing files not yet cached
+    return [inspect_file(p, hash=hash, scan=scan, cache=cache, progress=progress) for p in expand_paths(paths)]
 
 
 def _size(n: int) -> str:

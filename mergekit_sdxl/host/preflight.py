@@ -18,13 +18,12 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from mergekit_sdxl.sdxl.detect import Detection, detect
 from mergekit_sdxl.sdxl.header import CheckpointError, SafetensorsHeader, read_header
 from mergekit_sdxl.sdxl.keys import canonical_name, canonical_shape
-from mergekit_sdxl.sdxl.manifest import COMPONENT_PREFIXES, SDXL_KEYS
+from mergekit_sdxl.sdxl.manifest import COMPONENT_PREFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +171,7 @@ class FileReport:
         return d
 
 
-def inspect_file(path: PathLike, *, hash: bool = True, scan: bool = False, cache=None) -> FileReport:
+def inspect_file(path: PathLike, *, hash: bool = True, scan: bool = False, cache=None, progress: bool = False) -> FileReport:
     """Header facts, size, (cached) sha256 + AutoV2 and optionally a NaN/inf scan of one file.
 
     Never raises for a bad file: the problem goes to ``FileReport.error`` ("file not found",
@@ -192,7 +191,7 @@ def inspect_file(path: PathLike, *, hash: bool = True, scan: bool = False, cache
             from mergekit_sdxl.io.hashing import HashCache, autov2
 
             cache = cache if cache is not None else HashCache()
-            rep.sha256 = cache.sha256(p)
+            rep.sha256 = cache.sha256(p, progress=progress)
             rep.autov2 = autov2(rep.sha256)
         if scan:
             rep.scan = scan_nonfinite(p, rep.header)
