@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import shlex
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -50,21 +52,27 @@ def run_command(
 
     from mergekit_sdxl.cli.merge_cmd import report_result
     from mergekit_sdxl.host.driver import run_sdxl_merge
-    from mergekit_sdxl.host.recipe import build_recipe
+    from mergekit_sdxl.host.recipe import RecipeError, build_recipe
 
-    recipe = build_recipe(directory, base, method=method, scan=scan, allow_vpred_mix=allow_vpred_mix)
-    for path, reason in recipe.excluded:
-        typer.echo(f"excluded {path}: {reason}")
-    typer.echo(f"kept {len(recipe.kept)} models")
-    config_path = config_out or out_path.with_suffix(".yaml")
-    config_path.write_text(recipe.yaml_text, encoding="utf-8")
-    typer.echo(f"recipe written to {config_path}")
-    result = run_sdxl_merge(
-        recipe.yaml_text,
-        str(out_path),
-        MergeOptions(),
-        overrides={"memory_budget": memory_budget, "allow_vpred_mix": allow_vpred_mix or None},
-    )
+    command = " ".join(shlex.quote(a) for a in ["mergekit-sdxl", *sys.argv[1:]])
+    try:
+        recipe = build_recipe(directory, base, method=method, scan=scan, allow_vpred_mix=allow_vpred_mix, command=command)
+        for line in recipe.summary_lines():
+            typer.echo(line)
+        config_path = config_out or out_path.with_suffix(".yaml")
+        config_path.write_text(recipe.yaml_text, encoding="utf-8")
+        typer.echo(f"recipe written to {config_path}")
+        result = run_sdxl_merge(
+            recipe.yaml_text,
+            str(out_path),
+            MergeOptions(),
+            overrides={"memory_budget": memory_budget, "allow_vpred_mix": allow_vpred_mix or None},
+            command=command,
+            config_name=config_path.name,
+        )
+    except (RecipeError, ValueError, RuntimeError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(code=1)
     report_result(result, echo=typer.echo)
 
 

@@ -7,6 +7,8 @@ supplies all of ``mergekit-yaml``'s options unchanged.
 from __future__ import annotations
 
 import logging
+import os
+import shlex
 import sys
 from typing import Optional
 
@@ -20,8 +22,8 @@ def report_result(result, echo=click.echo) -> None:
     """Print what a user publishes: path, size, sha256, AutoV2."""
     write = result.write
     echo(f"wrote {write.path} ({write.size / 1e9:.3f} GB, {result.keys} tensors, {result.seconds:.1f} s)")
-    rate = result.bytes_read / max(result.seconds, 1e-9) / 1e9
-    echo(f"read {result.bytes_read / 1e9:.3f} GB from the inputs ({rate:.2f} GB/s)")
+    rate = result.bytes_read / max(result.seconds, 1e-9) / 1e6
+    echo(f"read {result.bytes_read / 1e9:.3f} GB from the inputs ({rate:.1f} MB/s)")
     echo(f"sha256 {write.sha256}")
     echo(f"AutoV2 {write.autov2}")
 
@@ -64,7 +66,16 @@ def merge_command(
     with open(config_file, encoding="utf-8") as handle:
         text = handle.read()
     try:
-        result = run_sdxl_merge(text, out_path, merge_options, overrides=overrides, restart=restart, preflight_scan=scan)
+        result = run_sdxl_merge(
+            text,
+            out_path,
+            merge_options,
+            overrides=overrides,
+            restart=restart,
+            preflight_scan=scan,
+            command=" ".join(shlex.quote(a) for a in ["mergekit-sdxl", *sys.argv[2:]]),
+            config_name=os.path.basename(config_file),
+        )
     except ResumeMismatch as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(2)

@@ -76,13 +76,19 @@ def load_config(text: str, overrides: Optional[Dict] = None) -> LoadedConfig:
     return LoadedConfig(text=text, config=MergeConfiguration.model_validate(raw), sdxl=SDXLOptions.model_validate(section))
 
 
-def input_paths(config: MergeConfiguration) -> List[str]:
-    """Every checkpoint file the config references, in config order, without duplicates."""
-    paths: List[str] = []
-    for model in config.referenced_models():
-        if model.model.path not in paths:
-            paths.append(model.model.path)
-    return paths
+def input_paths(config: MergeConfiguration, sdxl: Optional[SDXLOptions] = None) -> List[Tuple[str, str]]:
+    """``(path, role)`` of every input, base first, then models in config order, each once.
+
+    Not ``MergeConfiguration.referenced_models()``: that is a set, and its order
+    (hence the provenance metadata and the output bytes) would change between runs.
+    """
+    from mergekit_sdxl.host.recipe import config_inputs
+
+    pairs = config_inputs(config)
+    source = sdxl.vae.source if sdxl is not None else "base"
+    if source not in ("base", "merge") and all(p != source for p, _ in pairs):
+        pairs.append((source, "vae"))
+    return pairs
 
 
 def _entries(planned, out_dtype: str, flags: Sequence[str]) -> Tuple[List[TensorEntrySpec], List[Tuple[str, OutputTensor]]]:
@@ -152,11 +158,13 @@ def run_sdxl_merge(
     overrides: Optional[Dict] = None,
     restart: bool = False,
     preflight_scan: bool = False,
+    command: Optional[str] = None,
+    config_name: Optional[str] = None,
 ) -> MergeResult:
     """Merge SDXL checkpoints (or anything mergekit plans) into one safetensors file."""
     from mergekit_sdxl.host.preflight import preflight
-    from mergekit_sdxl.io.hashing import HashCache, autov2
-    from mergekit_sdxl.io.provenance import InputInfo, build_metadata, write_sidecars
+    from mergekit_sdxl.io.hashing import HashCache
+    from mergekit_sdxl.io.provenance import build_metadata, input_info, write_sidecars
 
     started = time.monotonic()
     register_all()
@@ -164,14 +172,20 @@ def run_sdxl_merge(
     config, sdxl = loaded.config, loaded.sdxl
     if not out_path.lower().endswith(".safetensors"):
         raise MergeError(f"output must be a .safetensors file path, got {out_path}")
-    paths = input_paths(config)
+    roles = input_paths(config, sdxl)
+    paths = [p for p, _ in roles]
     files = [p for p in paths if is_checkpoint_file(p)]
     if files and len(files) != len(paths):
         missing = [p for p in paths if p not in files]
         raise MergeError("inputs not found or not .safetensors files: " + ", ".join(missing))
     base_path = config.base_model.model.path if config.base_model else None
-    if files:
-        preflight([Path(p) for p in files], base=Path(base_path) if base_path else None, allow_vpred_mix=sdxl.allow_vpred_mix, scan=preflight_scan)
+    report = preflight(
+        [Path(p) for p in files],
+        base=Path(base_path) if base_path else None,
+        allow_vpred_mix=sdxl.allow_vpred_mix,
+        scan=preflight_scan,
+    )
+    LOG.info("%s", report.summary())
 
     budget = sdxl.memory_budget_bytes
     set_chunk_bytes(max(budget // 4, 1024**2))
@@ -193,13 +207,8 @@ def run_sdxl_merge(
     entries, targets = _entries(planner._tensors, out_dtype, _agreed_flags(files))
 
     cache = HashCache()
-    infos = []
-    for path in paths:
-        stat = os.stat(path)
-        digest = cache.sha256(path)
-        infos.append(InputInfo(path=path, size=stat.st_size, sha256=digest, autov2=autov2(digest)))
+    infos = [input_info(path, role=role, cache=cache) for path, role in roles]
     params = dict(config.parameters or {})
-    base_info = checkpoint_index(base_path) if base_path else None
     metadata = build_metadata(
         recipe_text,
         infos,
@@ -208,7 +217,7 @@ def run_sdxl_merge(
         dtype=str(config.dtype or ""),
         out_dtype=out_dtype,
         title=Path(out_path).stem,
-        prediction_type="v" if base_info is not None and "v_pred" in base_info.flags else "epsilon",
+        prediction_type=report.prediction_type,
         plugin_version=mergekit_sdxl.__version__,
         mergekit_version=_mergekit_version(),
     )
@@ -252,7 +261,8 @@ def run_sdxl_merge(
         if position != len(order):
             raise MergeError(f"merge produced no value for {order[position]}")
         result = writer.close()
-    write_sidecars(out_path, metadata, result.sha256, result.autov2, infos)
+    cache.record(out_path, result.sha256)
+    write_sidecars(out_path, metadata, result.sha256, result.autov2, infos, command=command, config_name=config_name)
     bytes_read = sum(l.bytes_read for l in loaders) - read_start
     return MergeResult(write=result, keys=len(entries), bytes_read=bytes_read, seconds=time.monotonic() - started)
 
