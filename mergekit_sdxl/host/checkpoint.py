@@ -13,6 +13,7 @@ at the loader: ``text_projection.weight`` variants are transposed to the sgm
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import threading
@@ -248,16 +249,33 @@ _INDEX_LOCK = threading.Lock()
 
 def checkpoint_index(path: str) -> SDXLCheckpointIndex:
     """Parse (once per path, size and mtime) the index of a checkpoint file."""
-    stat = os.stat(path)
-    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    key = _file_key(path)
     with _INDEX_LOCK:
         if key not in _INDEX_CACHE:
             _INDEX_CACHE[key] = SDXLCheckpointIndex.from_checkpoint(path)
         return _INDEX_CACHE[key]
 
 
+_CONFIG_CACHE: Dict[Tuple[str, int, int], SDXLCheckpointConfig] = {}
+
+
+def _file_key(path: str) -> Tuple[str, int, int]:
+    stat = os.stat(path)
+    return (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
 def checkpoint_config(path: str) -> SDXLCheckpointConfig:
-    """Config for an SDXL checkpoint file; refuses files of other families."""
+    """Config for an SDXL checkpoint file (parsed once per path, size, mtime)."""
+    key = _file_key(path)
+    with _INDEX_LOCK:
+        if key not in _CONFIG_CACHE:
+            _CONFIG_CACHE[key] = _read_checkpoint_config(path)
+        # mergekit sets attributes on configs it is given (torch_dtype): hand out copies.
+        return copy.deepcopy(_CONFIG_CACHE[key])
+
+
+def _read_checkpoint_config(path: str) -> SDXLCheckpointConfig:
+    """Refuses files of other families: mergekit asks every input for a config first."""
     from mergekit_sdxl.sdxl.detect import detect
 
     header = read_header(path)
