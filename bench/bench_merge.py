@@ -346,23 +346,72 @@ def compare_budgets(args, paths: List[Path], env: Dict[str, str]) -> int:
         else:
             budgets.append((item, item))
     results = []
+    outs = []
     for label, budget in budgets:
-        out = runs / f"{tag}-tgmd-budget-{label}.safetensors"
+        # Same file name in every run: the name is the modelspec title in the header metadata.
+        out = runs / f"budget-{label}" / f"{tag}-tgmd.safetensors"
+        out.parent.mkdir(parents=True, exist_ok=True)
         r = merge(config, out, budget, args.threads, env, args.extra)
+        r["data_sha256"] = data_sha256(out) if out.exists() else None
         results.append((label, budget, r))
+        outs.append(out)
         print(f"# tgmd --memory-budget {budget} ({label}): rc {r['rc']}, {r['wall']:.1f} s, peak RSS {r['peak'] / 1e6:.0f} MB, sha256 {r['sha256']}", flush=True)
-        if not args.keep_output:
+    diff = differing_tensors(outs) if all(o.exists() for o in outs) and len(outs) > 1 else None
+    if not args.keep_output:
+        for out in outs:
             _clean_output(out)
     print()
-    print("| N | width | budget | wall s | peak RSS MB | GB read | sha256 |")
-    print("|---:|---|---|---:|---:|---:|---|")
+    print("| N | width | budget | wall s | peak RSS MB | GB read | file sha256 | tensor-data sha256 |")
+    print("|---:|---|---|---:|---:|---:|---|---|")
     for label, budget, r in results:
-        print(f"| {len(paths)} | {width_label(args.width)} | {budget} ({label}) | {r['wall']:.1f} | {r['peak'] / 1e6:.0f} | {r['read_gb']} | `{r['sha256']}` |")
+        print(
+            f"| {len(paths)} | {width_label(args.width)} | {budget} ({label}) | {r['wall']:.1f} | {r['peak'] / 1e6:.0f} | "
+            f"{r['read_gb']} | `{(r['sha256'] or '-')[:16]}` | `{(r['data_sha256'] or '-')[:16]}` |"
+        )
     hashes = {r["sha256"] for _, _, r in results}
     ok = all(r["rc"] == 0 for _, _, r in results) and len(hashes) == 1 and None not in hashes
     print()
-    print("bit-identical: " + ("YES" if ok else "NO"))
+    print("bit-identical (whole file, same output name): " + ("YES" if ok else "NO"))
+    if diff is not None:
+        print(f"tensors that differ: {len(diff)}" + (f" (e.g. {', '.join(diff[:5])})" if diff else ""))
     return 0 if ok else 1
+
+
+def data_sha256(path: Path) -> str:
+    """sha256 of the tensor bytes only (everything after the safetensors header)."""
+    import hashlib
+    import struct
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        fh.seek(8 + size)
+        for block in iter(lambda: fh.read(16 * 1024**2), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def differing_tensors(outs: List[Path]) -> List[str]:
+    """Names of the tensors whose bytes differ between the first output and any other."""
+    from safetensors import safe_open
+
+    names = []
+    with safe_open(str(outs[0]), "pt") as first:
+        others = [safe_open(str(o), "pt") for o in outs[1:]]
+        for key in first.keys():
+            a = first.get_tensor(key)
+            for other in others:
+                b = other.get_tensor(key)
+                if a.shape != b.shape or a.dtype != b.dtype or not bool((a.view(-1).view(torch_uint8()) == b.view(-1).view(torch_uint8())).all()):
+                    names.append(key)
+                    break
+    return names
+
+
+def torch_uint8():
+    import torch
+
+    return torch.uint8
 
 
 TRACE_CHILD = r"""

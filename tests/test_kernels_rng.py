@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mergekit_sdxl.kernels.rng import keep_mask, mask_key, splitmix64_int, stable_hash
+from mergekit_sdxl.kernels.rng import keep_mask, keep_masks, mask_key, splitmix64_int, stable_hash
 
 GAMMA = 0x9E3779B97F4A7C15
 
@@ -87,3 +87,46 @@ def test_cuda_matches_cpu():
     cpu = keep_mask(240603, "k", "m", 123, 1_000_000, 0.9)
     gpu = keep_mask(240603, "k", "m", 123, 1_000_000, 0.9, device="cuda")
     assert torch.equal(cpu, gpu.cpu())
+
+
+@pytest.mark.parametrize(
+    "start,count,probs",
+    [
+        (0, 1000, [0.9, 0.9, 0.9]),
+        (2**40 + 7, 3000, [0.9, 1.0, 0.0, 0.5, 1e-12, 1.0 - 2**-53]),
+        (123, 300_001, [0.3, 0.7]),  # several hash blocks, ragged last one
+        (5, 0, [0.5, 0.5]),
+        (0, 17, []),
+    ],
+)
+def test_keep_masks_is_stacked_keep_mask(start, count, probs):
+    keys = [f"models/m{i}.safetensors" for i in range(len(probs))]
+    got = keep_masks(240603, "k.weight", keys, start, count, probs)
+    assert got.shape == (len(probs), count) and got.dtype == torch.bool
+    for j, (key, p) in enumerate(zip(keys, probs)):
+        assert torch.equal(got[j], keep_mask(240603, "k.weight", key, start, count, p))
+
+
+def test_keep_masks_many_models_chunk_and_thread_independent():
+    keys = [f"m{i}" for i in range(117)]
+    probs = [0.9] * 117
+    whole = keep_masks(1, "t", keys, 0, 4000, probs)
+    parts = torch.cat([keep_masks(1, "t", keys, s, 1000, probs) for s in range(0, 4000, 1000)], dim=1)
+    assert torch.equal(whole, parts)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = keep_masks(1, "t", keys, 0, 4000, probs)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(whole, one)
+    assert torch.equal(whole[42], reference_mask(1, "t", "m42", 0, 4000, 0.9))
+
+
+def test_keep_masks_validates():
+    with pytest.raises(ValueError):
+        keep_masks(0, "t", ["a"], 0, 5, [1.5])
+    with pytest.raises(ValueError):
+        keep_masks(0, "t", ["a", "b"], 0, 5, [0.5])
+    with pytest.raises(ValueError):
+        keep_masks(0, "t", ["a"], -1, 5, [0.5])

@@ -143,11 +143,15 @@ def _agreed_flags(paths: Sequence[str]) -> List[str]:
 
 
 def fingerprint(config_text: str, inputs: Sequence[Tuple[str, int, int, str]], extra: str = "") -> str:
-    """Identity of a merge for resuming: config text, each input's path, size, mtime and sha256."""
-    digest = hashlib.sha256(config_text.encode())
-    digest.update(json.dumps([list(i) for i in inputs]).encode())
-    digest.update(extra.encode())
-    return digest.hexdigest()
+    """Identity of a merge for resuming: config text, each input's path, size, mtime and sha256.
+
+    A JSON object rather than one digest, so that a refused resume can say what changed
+    (``describe_fingerprint_change`` names the keys: ``config``, ``options``, ``input PATH``).
+    """
+    identity = {"config": hashlib.sha256(config_text.encode()).hexdigest(), "options": extra}
+    for path, size, mtime_ns, sha256 in inputs:
+        identity[f"input {path}"] = f"size {size}, mtime_ns {mtime_ns}, sha256 {sha256}"
+    return json.dumps(identity, sort_keys=True)
 
 
 def run_sdxl_merge(
@@ -221,7 +225,10 @@ def run_sdxl_merge(
         plugin_version=mergekit_sdxl.__version__,
         mergekit_version=_mergekit_version(),
     )
-    identity = fingerprint(config_text, [(i.path, i.size, os.stat(i.path).st_mtime_ns, i.sha256) for i in infos], json.dumps(overrides or {}, sort_keys=True))
+    # The memory budget only changes how tensors are chunked, never the bytes: a merge killed for
+    # lack of memory must be able to resume with a smaller --memory-budget.
+    options_identity = {k: v for k, v in (overrides or {}).items() if k != "memory_budget"}
+    identity = fingerprint(config_text, [(i.path, i.size, os.stat(i.path).st_mtime_ns, i.sha256) for i in infos], json.dumps(options_identity, sort_keys=True))
     writer = StreamingCheckpointWriter.open_or_resume(out_path, entries, metadata, fingerprint=identity, restart=restart)
     done = set(writer.completed_names())
     pending = [(name, task) for name, task in targets if name not in done]

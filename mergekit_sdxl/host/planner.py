@@ -144,4 +144,4 @@ def _maybe_chunked(planner, task, models, ours: bool, options: SDXLOptions):
     if numel * itemsize * (n + 3) <= options.memory_budget_bytes:
         return None
     rows = rows_per_chunk(shape, n, compute, chunk_bytes=options.memory_budget_bytes // 2)
-    return ChunkedMergeTask(merge=task, rows_per_chunk=rows, shape=list(shape))
+    return ChunkedMergeTask(merge=task, rows_per_chunk=rows, shape=tuple(shape))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from mergekit.common import ModelReference, dtype_from_name
@@ -90,7 +90,7 @@ class ChunkedMergeTask(Task[Optional[torch.Tensor]]):
 
     merge: ExecuteMergeMethodTask
     rows_per_chunk: int
-    shape: List[int]
+    shape: Tuple[int, ...]
 
     def arguments(self) -> Dict[str, Task]:
         return {}

@@ -3,7 +3,7 @@
 from .aggregate import disjoint_mean, ordered_sum
 from .consensus import disjoint_mask, elect_sign
 from .geomedian import GeoMedianResult, GramAccumulator, weiszfeld, weiszfeld_gram
-from .rng import keep_mask, stable_hash
+from .rng import keep_mask, keep_masks, stable_hash
 from .sparsify import apply_drop, apply_trim, trim_threshold
 from .tgmd import (
     MaskFn,
@@ -19,6 +19,7 @@ from .tgmd import (
 
 __all__ = [
     "keep_mask",
+    "keep_masks",
     "stable_hash",
     "apply_drop",
     "trim_threshold",

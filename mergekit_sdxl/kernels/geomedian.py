@@ -100,24 +100,38 @@ def weiszfeld_gram(
     n = g.shape[0]
     b = _prior(weights, n, torch.float64, "cpu")
     diag = torch.diagonal(g).clone()
+    # The same operations, in the same order and dtype, as the plain formulation
+    #   gc = (g * c[None, :]).sum(dim=1); sq = diag - 2.0 * gc + (c * gc).sum(); sqrt(clamp(sq, 0))
+    #   w = b / clamp(dist, eps); c = w / w.sum(); stop on |f - f_new| <= ftol * f_new
+    # but into preallocated buffers, and the stop test on Python floats (the same IEEE double
+    # operations as on 0-d float64 tensors): per-op overhead dominates on an N x N matrix.
+    prod = torch.empty_like(g)
+    gc = torch.empty(n, dtype=torch.float64)
+    tmp = torch.empty(n, dtype=torch.float64)
+    dist = torch.empty(n, dtype=torch.float64)
+    w = torch.empty(n, dtype=torch.float64)
 
     def distances(c: torch.Tensor) -> torch.Tensor:
         # Row sums instead of BLAS gemv/dot: small native reductions are serial and fixed-order.
-        gc = (g * c[None, :]).sum(dim=1)
-        sq = diag - 2.0 * gc + (c * gc).sum()
+        torch.mul(g, c, out=prod)
+        torch.sum(prod, dim=1, out=gc)
+        torch.mul(c, gc, out=tmp)
+        quad = tmp.sum()
+        torch.mul(gc, 2.0, out=tmp)
+        torch.sub(diag, tmp, out=dist)
+        dist.add_(quad)
         # Cancellation can make a tiny squared distance negative; it is a zero distance.
-        return torch.sqrt(torch.clamp(sq, min=0.0))
+        return dist.clamp_(min=0.0).sqrt_()
 
     c = torch.full((n,), 1.0 / n, dtype=torch.float64)
-    dist = distances(c)
-    f = dist.mean()
+    f = float(distances(c).mean())
     it = 0
     for it in range(1, maxiter + 1):
-        w = b / torch.clamp(dist, min=eps)
+        torch.clamp(dist, min=eps, out=w)
+        torch.div(b, w, out=w)
         c = w / w.sum()
-        dist = distances(c)
-        f_new = dist.mean()
-        done = bool(torch.abs(f - f_new) <= ftol * f_new)
+        f_new = float(distances(c).mean())
+        done = abs(f - f_new) <= ftol * f_new
         f = f_new
         if done:
             break

@@ -14,17 +14,21 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["keep_mask", "stable_hash", "mask_key", "splitmix64_int", "U_BITS"]
+__all__ = ["keep_mask", "keep_masks", "stable_hash", "mask_key", "splitmix64_int", "U_BITS"]
 
 _MASK64 = (1 << 64) - 1
 _GAMMA = 0x9E3779B97F4A7C15
 _M1 = 0xBF58476D1CE4E5B9
 _M2 = 0x94D049BB133111EB
 U_BITS = 53  # bits of u: float64-exact uniform on a 2^-53 grid
+_INT64_MIN = -(1 << 63)
+# keep_masks hashes this many elements (all rows together) per pass of its ~13 int64 ops, so the
+# working set stays in cache instead of streaming [N, count] int64 through memory 13 times.
+_HASH_BLOCK = 1 << 17
 
 
 def _signed(x: int) -> int:
@@ -98,3 +102,75 @@ def keep_mask(
     torch.bitwise_right_shift(z, 64 - U_BITS, out=tmp)
     tmp.bitwise_and_((1 << U_BITS) - 1)
     return tmp < threshold
+
+
+def _check_keep_prob(keep_prob: float) -> None:
+    if not 0.0 <= keep_prob <= 1.0 or math.isnan(keep_prob):
+        raise ValueError(f"keep_prob must be in [0, 1], got {keep_prob}")
+
+
+def keep_masks(
+    seed: int,
+    tensor_name: str,
+    model_keys: Sequence[str],
+    start: int,
+    count: int,
+    keep_probs: Sequence[float],
+    device: Optional[torch.device | str] = None,
+) -> torch.Tensor:
+    """Bool [N, count]: row j is ``keep_mask(seed, tensor_name, model_keys[j], start, count,
+    keep_probs[j], device)``, bit for bit, computed for all N models at once.
+
+    The per-model stream keys form an int64 column broadcast against the element-index row, so
+    every element goes through exactly the same integer operations as in :func:`keep_mask`.
+    """
+    n = len(model_keys)
+    if len(keep_probs) != n:
+        raise ValueError(f"{n} model keys but {len(keep_probs)} keep probabilities")
+    for p in keep_probs:
+        _check_keep_prob(p)
+    if start < 0 or count < 0:
+        raise ValueError("start and count must be >= 0")
+    out = torch.empty(n, count, dtype=torch.bool, device=device)
+    hashed = []
+    for j, p in enumerate(keep_probs):
+        if p >= 1.0:
+            out[j].fill_(True)
+        elif p <= 0.0:
+            out[j].fill_(False)
+        else:
+            hashed.append(j)
+    if not hashed or count == 0:
+        return out
+    m = len(hashed)
+    keys = torch.tensor(
+        [_signed(mask_key(seed, tensor_name, model_keys[j])) for j in hashed], dtype=torch.int64, device=device
+    )[:, None]
+    # top53 < ceil(p 2^53)  <=>  z < ceil(p 2^53) 2^11 as unsigned 64-bit integers (ceil(p 2^53) < 2^53
+    # here, so no overflow); unsigned order = signed order after flipping the sign bit.
+    limits = torch.tensor(
+        [(math.ceil(keep_probs[j] * (1 << U_BITS)) << (64 - U_BITS)) + _INT64_MIN for j in hashed],
+        dtype=torch.int64,
+        device=device,
+    )[:, None]
+    dst = out if m == n else torch.empty(m, count, dtype=torch.bool, device=device)
+    step = max(1, _HASH_BLOCK // m) if device is None or torch.device(device).type == "cpu" else count
+    width = min(step, count)
+    zbuf = torch.empty(m, width, dtype=torch.int64, device=device)
+    tbuf = torch.empty_like(zbuf)
+    for c0 in range(0, count, step):
+        c1 = min(count, c0 + step)
+        z = zbuf[:, : c1 - c0]
+        tmp = tbuf[:, : c1 - c0]
+        idx = torch.arange(start + c0, start + c1, dtype=torch.int64, device=device).mul_(_signed(_GAMMA))
+        torch.add(idx, keys, out=z)
+        _xor_srl_(z, 30, tmp)
+        z.mul_(_signed(_M1))
+        _xor_srl_(z, 27, tmp)
+        z.mul_(_signed(_M2))
+        _xor_srl_(z, 31, tmp)
+        z.bitwise_xor_(_INT64_MIN)
+        torch.lt(z, limits, out=dst[:, c0:c1])
+    if dst is not out:
+        out[hashed] = dst
+    return out

@@ -17,10 +17,10 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from .aggregate import disjoint_mean, ordered_sum
-from .consensus import disjoint_mask, elect_sign
+from .consensus import elect_sign
 from .geomedian import GramAccumulator, weiszfeld_gram
-from .rng import keep_mask
-from .sparsify import apply_drop, apply_trim, trim_threshold
+from .rng import keep_masks
+from .sparsify import trim_threshold
 
 __all__ = [
     "TGMDParams",
@@ -127,7 +127,22 @@ def _row_chunks(rows: int, rows_per_chunk: int) -> Iterator[Tuple[int, int]]:
 
 
 def _finite(x: torch.Tensor) -> bool:
+    # One streaming reduction instead of isfinite + all: any NaN/inf makes the sum non-finite;
+    # a finite-but-overflowing sum is a false alarm settled by the exact check.
+    if x.numel() == 0:
+        return True
+    total = x.sum(dtype=torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x.sum()
+    if bool(torch.isfinite(total)):
+        return True
     return bool(torch.isfinite(x).all())
+
+
+def _first_bad_row(x: torch.Tensor) -> Optional[int]:
+    """Index of the first row of ``x`` [N, k] with a non-finite value, None if all are finite."""
+    if _finite(x):
+        return None
+    bad = torch.nonzero(~torch.isfinite(x).all(dim=1))
+    return int(bad[0, 0]) if bad.numel() else None
 
 
 class _Context:
@@ -147,8 +162,8 @@ class _Context:
     def chunks(self) -> Iterator[Tuple[int, int]]:
         return _row_chunks(self.rows, self.rows_per_chunk)
 
-    def read(self, reader: RowReader, r0: int, r1: int, what: str) -> Optional[torch.Tensor]:
-        """Flattened chunk upcast to the compute dtype (per chunk only), or None if absent."""
+    def read_raw(self, reader: RowReader, r0: int, r1: int, what: str) -> Optional[torch.Tensor]:
+        """Flattened chunk in its stored dtype (checked length), or None if absent."""
         x = reader(r0, r1)
         if x is None:
             return None
@@ -157,7 +172,27 @@ class _Context:
             raise ValueError(f"{self.name}: {what} returned {x.numel()} elements for rows {r0}:{r1}, expected {expect}")
         if self.device is None:
             self.device = x.device
-        return x.reshape(-1).to(device=self.device, dtype=self.dtype)
+        return x.reshape(-1)
+
+    def read(self, reader: RowReader, r0: int, r1: int, what: str) -> Optional[torch.Tensor]:
+        """Flattened chunk upcast to the compute dtype (per chunk only), or None if absent."""
+        x = self.read_raw(reader, r0, r1, what)
+        if x is None:
+            return None
+        return x.to(device=self.device, dtype=self.dtype)
+
+    def stack(
+        self, readers: Sequence[RowReader], indices: Sequence[int], r0: int, r1: int, what: Callable[[int], str]
+    ) -> Tuple[torch.Tensor, List[bool]]:
+        """[len(indices), k] compute-dtype rows of the given models (upcast straight into one
+        buffer; exact), and which were present (absent rows are left unset)."""
+        k = (r1 - r0) * self.cols
+        xs = [self.read_raw(readers[i], r0, r1, what(i)) for i in indices]
+        out = torch.empty(len(indices), k, dtype=self.dtype, device=self.device)
+        for j, x in enumerate(xs):
+            if x is not None:
+                out[j].copy_(x)
+        return out, [x is not None for x in xs]
 
     def base(self, reader: RowReader, r0: int, r1: int) -> torch.Tensor:
         b = self.read(reader, r0, r1, "base")
@@ -193,10 +228,13 @@ class _Output:
 def _ordered_combination(coeffs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """sum_k coeffs[k] * rows[k] in fixed order, separate multiply and add (no FMA), so the
     result per element does not depend on the chunk width."""
-    c = coeffs.to(device=rows.device, dtype=rows.dtype)
+    # Python floats round to the rows' dtype exactly as a cast of the coefficient tensor does.
+    c = coeffs.to(device="cpu", dtype=rows.dtype).tolist()
     acc = torch.zeros(rows.shape[1:], dtype=rows.dtype, device=rows.device)
+    tmp = torch.empty_like(acc)
     for k in range(rows.shape[0]):
-        acc += rows[k] * c[k]
+        torch.mul(rows[k], c[k], out=tmp)
+        acc += tmp
     return acc
 
 
@@ -252,63 +290,111 @@ def _tgmd_once(
     out_dtype: torch.dtype,
     masks: Optional[MaskFn],
 ) -> torch.Tensor:
-    def delta(i: int, b: torch.Tensor, r0: int, r1: int) -> Optional[torch.Tensor]:
-        """Dropped task vector of model i on rows r0:r1 (untrimmed), None if absent."""
-        x = ctx.read(models[i], r0, r1, f"model {model_keys[i]}")
-        if x is None:
-            return None
-        d = x - b
-        if not _finite(d):
-            raise _BadInput(
-                i, f"{ctx.name}: model {model_keys[i]} has non-finite values (rows {r0}:{r1})"
-            )
-        p = params.drop_rate[i]
+    zero = None
+
+    def deltas(idx: Sequence[int], b: torch.Tensor, r0: int, r1: int) -> Tuple[torch.Tensor, List[bool]]:
+        """Dropped task vectors [len(idx), k] of models ``idx`` on rows r0:r1 (untrimmed; rows of
+        absent models are zero) and which models are present. All models at once: one read
+        buffer, one finiteness check, one DROP mask call."""
+        d, present = ctx.stack(models, idx, r0, r1, lambda i: f"model {model_keys[i]}")
+        d.sub_(b)
+        for j, ok in enumerate(present):
+            if not ok:
+                d[j].zero_()
+        bad = _first_bad_row(d)
+        if bad is not None:
+            i = idx[bad]
+            raise _BadInput(i, f"{ctx.name}: model {model_keys[i]} has non-finite values (rows {r0}:{r1})")
         start = r0 * ctx.cols
+        k = d.shape[1]
+        rates = [params.drop_rate[i] for i in idx]
         if masks is not None:
-            keep = masks(i, start, d.numel()).to(device=d.device, dtype=torch.bool).reshape(-1)
-        elif p > 0.0:
-            keep = keep_mask(params.seed, ctx.name, model_keys[i], start, d.numel(), 1.0 - p, device=d.device)
+            keep = torch.stack(
+                [masks(i, start, k).to(device=d.device, dtype=torch.bool).reshape(-1) for i in idx]
+            ) if idx else torch.empty(0, k, dtype=torch.bool, device=d.device)
+            for j, p in enumerate(rates):
+                if p >= 1.0:
+                    keep[j] = False  # apply_drop: p = 1 drops everything whatever the mask
+        elif any(p > 0.0 for p in rates):
+            keep = keep_masks(params.seed, ctx.name, [model_keys[i] for i in idx], start, k, [1.0 - p for p in rates], device=d.device)
         else:
-            return d
-        return apply_drop(d, keep, p, params.rescale)
+            return d, present
+        # where(keep, d, 0) in place: a dropped entry becomes exactly +0.
+        d.masked_fill_(keep.logical_not_(), 0.0)
+        if params.rescale != 0.0:
+            factors = [(1.0 - p) ** (-params.rescale) if 0.0 < p < 1.0 else 1.0 for p in rates]
+            if any(f != 1.0 for f in factors):
+                # Per-row scalar broadcast: the same IEEE product as multiplying each row by its scalar.
+                d.mul_(torch.tensor(factors, dtype=d.dtype, device=d.device)[:, None])
+        return d, present
 
     # Pre-pass: trim thresholds need each model's whole (dropped) task vector, one at a time.
     thresholds: Dict[int, Optional[torch.Tensor]] = {}
-    for i in active:
-        if params.density[i] >= 1.0:
-            continue
-        whole = None
-        for r0, r1 in ctx.chunks():
-            b = ctx.base(base, r0, r1)
-            d = delta(i, b, r0, r1)
-            if d is None:
-                whole = None
-                break
-            if whole is None:
-                whole = torch.empty(ctx.numel, dtype=ctx.dtype, device=d.device)
-            whole[r0 * ctx.cols : r1 * ctx.cols] = d
-        if whole is not None:
-            thresholds[i] = trim_threshold(whole, params.density[i])
-        del whole
+    single = ctx.rows <= max(1, int(ctx.rows_per_chunk))
+    cached: Optional[Tuple[torch.Tensor, torch.Tensor, List[bool]]] = None
+    trimmed = [i for i in active if params.density[i] < 1.0]
+    if trimmed and single and ctx.numel:
+        # One chunk: all task vectors at once, kept for the main pass. A bad trimmed model is
+        # reported before any other, as the one-model-at-a-time pre-pass would.
+        b = ctx.base(base, 0, ctx.rows)
+        try:
+            d_all, present = deltas(active, b, 0, ctx.rows)
+        except _BadInput:
+            deltas(trimmed, b, 0, ctx.rows)
+            raise
+        for j, i in enumerate(active):
+            if i in trimmed and present[j]:
+                thresholds[i] = trim_threshold(d_all[j], params.density[i])
+        cached = (b, d_all, present)
+    elif trimmed:
+        for i in trimmed:
+            whole = None
+            for r0, r1 in ctx.chunks():
+                b = ctx.base(base, r0, r1)
+                d, present = deltas([i], b, r0, r1)
+                if not present[0]:
+                    whole = None
+                    break
+                if whole is None:
+                    whole = torch.empty(ctx.numel, dtype=ctx.dtype, device=d.device)
+                whole[r0 * ctx.cols : r1 * ctx.cols] = d[0]
+            if whole is not None:
+                thresholds[i] = trim_threshold(whole, params.density[i])
+            del whole
 
     def chunk_terms(r0: int, r1: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(base chunk, u [N, k] masked task vectors, a [N, k] agreement mask)."""
-        b = ctx.base(base, r0, r1)
-        d_all = torch.zeros(len(active), b.numel(), dtype=ctx.dtype, device=b.device)
-        present = torch.zeros(len(active), dtype=torch.bool, device=b.device)
-        for j, i in enumerate(active):
-            d = delta(i, b, r0, r1)
-            if d is None:
-                continue
-            d_all[j] = apply_trim(d, thresholds.get(i))
-            present[j] = True
+        nonlocal cached
+        if cached is not None:
+            b, d_all, present = cached
+            cached = None
+        else:
+            b = ctx.base(base, r0, r1)
+            d_all, present = deltas(active, b, r0, r1)
+        if thresholds:
+            # apply_trim per model as one broadcast: -inf keeps every entry of untrimmed models.
+            thr = torch.stack(
+                [
+                    thresholds[i].to(device=d_all.device, dtype=d_all.dtype)
+                    if i in thresholds
+                    else torch.tensor(float("-inf"), dtype=d_all.dtype, device=d_all.device)
+                    for i in active
+                ]
+            )[:, None]
+            d_all.masked_fill_(d_all.abs() < thr, 0.0)
         if params.sign_election == "none":
-            agree = present[:, None].expand_as(d_all)
+            agree = torch.tensor(present, dtype=torch.bool, device=d_all.device)[:, None].expand_as(d_all)
             return b, d_all, agree
-        sign = elect_sign(d_all, params.sign_election)  # type: ignore[arg-type]
-        agree = disjoint_mask(d_all, sign)
-        zero = torch.zeros((), dtype=ctx.dtype, device=b.device)
-        return b, torch.where(agree, d_all, zero), agree
+        s = torch.sign(d_all)
+        if params.sign_election == "count":
+            # Head count of the signs: small integers, exact in any float dtype and summation order.
+            sign = torch.sign(s.sum(dim=0))
+        else:
+            sign = elect_sign(d_all, params.sign_election)  # type: ignore[arg-type]
+        # sign(d) == g and d != 0  <=>  sign(d) * g > 0 (no NaN here).
+        agree = s.mul_(sign) > 0
+        del s
+        return b, d_all.masked_fill_(~agree, 0.0), agree
 
     out = None
     if not active:  # every model left out: the base survives
@@ -325,13 +411,20 @@ def _tgmd_once(
             out.put(r0 * ctx.cols, _add_back(b, disjoint_mean(u, agree), params.lambda_))
     else:
         gram = GramAccumulator(len(active))
+        kept = None
         for r0, r1 in ctx.chunks():
-            _, u, _ = chunk_terms(r0, r1)
-            gram.update(u)
+            terms = chunk_terms(r0, r1)
+            gram.update(terms[1])
+            if single:
+                kept = terms  # one chunk: reuse it for the output pass instead of recomputing
         weights = torch.tensor([params.weight[i] for i in active], dtype=torch.float64)
         coeffs, _ = weiszfeld_gram(gram.result(), weights, params.eps, params.maxiter, params.ftol)
         for r0, r1 in ctx.chunks():
-            b, u, _ = chunk_terms(r0, r1)
+            if kept is not None:
+                b, u, _ = kept
+                kept = None
+            else:
+                b, u, _ = chunk_terms(r0, r1)
             if out is None:
                 out = ctx.writer(out_dtype)
             out.put(r0 * ctx.cols, _add_back(b, _ordered_combination(coeffs, u), params.lambda_))
@@ -391,19 +484,26 @@ def _geomedian_once(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     def points(r0: int, r1: int) -> torch.Tensor:
-        rows = []
-        for i in active:
-            x = ctx.read(models[i], r0, r1, f"model {i}")
-            if x is None:
+        x, present = ctx.stack(models, active, r0, r1, lambda i: f"model {i}")
+        for j, ok in enumerate(present):
+            if not ok:
+                x[j].zero_()
+        bad = _first_bad_row(x)
+        # The first model (in order) that is absent or non-finite is the one reported.
+        for j, i in enumerate(active):
+            if not present[j]:
                 raise _Absent(i)
-            if not _finite(x):
+            if bad == j:
                 raise _BadInput(i, f"{ctx.name}: model {i} has non-finite values (rows {r0}:{r1})")
-            rows.append(x)
-        return torch.stack(rows)
+        return x
 
+    single = ctx.rows <= max(1, int(ctx.rows_per_chunk))
+    kept = None
     gram = GramAccumulator(len(active))
     for r0, r1 in ctx.chunks():
         x = points(r0, r1)
+        if single:
+            kept = x
         # The median is translation-equivariant and its coefficients translation-invariant:
         # centring each element on the models' mean keeps the Gram form's
         # G_ii - 2(Gc)_i + c^T G c from cancelling catastrophically for near-identical models.
@@ -414,7 +514,8 @@ def _geomedian_once(
     coeffs, _ = weiszfeld_gram(gram.result(), w, eps, maxiter, ftol)
     out = ctx.writer(out_dtype)
     for r0, r1 in ctx.chunks():
-        out.put(r0 * ctx.cols, _ordered_combination(coeffs, points(r0, r1)))
+        x = kept if kept is not None else points(r0, r1)
+        out.put(r0 * ctx.cols, _ordered_combination(coeffs, x))
     return out.result()
 
 
