@@ -144,4 +144,5 @@ def _maybe_chunked(planner, task, models, ours: bool, options: SDXLOptions):
     if numel * itemsize * (n + 3) <= options.memory_budget_bytes:
         return None
     rows = rows_per_chunk(shape, n, compute, chunk_bytes=options.memory_budget_bytes // 2)
-    return ChunkedMergeTask(merge=task, rows_per_chunk=rows, shape=tuple(shape))
+    device = planner.options.device if planner.options.device not in (None, "cpu") else None
+    return ChunkedMergeTask(merge=task, rows_per_chunk=rows, shape=tuple(shape), device=device)

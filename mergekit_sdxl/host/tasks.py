@@ -91,6 +91,7 @@ class ChunkedMergeTask(Task[Optional[torch.Tensor]]):
     merge: ExecuteMergeMethodTask
     rows_per_chunk: int
     shape: Tuple[int, ...]
+    device: Optional[str] = None  # math device (mergekit --cuda); chunks are read on the CPU
 
     def arguments(self) -> Dict[str, Task]:
         return {}
@@ -110,7 +111,9 @@ class ChunkedMergeTask(Task[Optional[torch.Tensor]]):
             if name not in loader.index.tensor_paths:
                 readers[model] = None
                 continue
-            readers[model] = (lambda start, stop, loader=loader, name=name: loader.get_rows(name, start, stop))
+            readers[model] = (
+                lambda start, stop, loader=loader, name=name: loader.get_rows(name, start, stop).to(self.device or "cpu")
+            )
         return readers
 
     def execute(self, **_kwargs) -> Optional[torch.Tensor]:
