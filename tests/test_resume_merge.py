@@ -1,6 +1,6 @@
 """Issue 6 end to end: an interrupted ``mergekit-sdxl merge`` resumes to the identical file.
 
-Every merge here is the real console script in its own process, writing real files. Runs are
+Every merge here runs the CLI in its own process, writing real files. Runs are
 killed with SIGKILL (or interrupted with SIGINT) at points chosen by polling the size of
 ``OUT.partial`` from outside, then the same command is run again. The finished file must be
 byte-identical to an uninterrupted run, the printed sha256/AutoV2 must be hashlib's of the final
@@ -59,12 +59,6 @@ class Reference:
     @property
     def size(self) -> int:
         return len(self.data)
-
-    def span(self, name: str) -> Tuple[int, int]:
-        for key, start, end in self.spans:
-            if key == name:
-                return start, end
-        raise KeyError(name)
 
 
 def _layout(data: bytes) -> Tuple[int, List[Tuple[str, int, int]]]:
@@ -174,6 +168,12 @@ class Merge:
 _LIVE: list = []
 
 
+def _default_sigint() -> None:
+    # A pytest started in the background (``pytest &`` in a script) ignores SIGINT, and an ignored
+    # SIGINT is inherited through exec: Python would then never raise KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Launcher:
     """Starts ``mergekit-sdxl`` processes with the test environment; ``start`` returns a Popen-like."""
 
@@ -182,7 +182,7 @@ class Launcher:
 
     def start(self, args: Sequence[str], stdout: Path, stderr: Path):
         with open(stdout, "w") as so, open(stderr, "w") as se:
-            return subprocess.Popen(list(args), stdout=so, stderr=se, env=self.env)
+            return subprocess.Popen(list(args), stdout=so, stderr=se, env=self.env, preexec_fn=_default_sigint)
 
     def close(self) -> None:
         pass
@@ -279,7 +279,13 @@ class ForkServer(Launcher):
         super().__init__(env)
         self._log = open(log, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _FORK_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env, text=True
+            [sys.executable, "-c", _FORK_SERVER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=env,
+            text=True,
+            preexec_fn=_default_sigint,
         )
 
     def call(self, request: dict):
@@ -428,7 +434,7 @@ def test_uninterrupted_merge_prints_the_hashes_of_its_bytes(reference, work):
     assert len(reference.spans) > 2000  # the whole SDXL key set
 
 
-def test_sigkill_at_several_points_resumes_to_identical_bytes(reference, config, launcher, work):
+def test_sigkill_at_several_points_resumes_to_identical_bytes(reference, config, launcher, merge_env, work):
     out = _run_dir(work, "sigkill") / OUT_NAME
 
     # 1. Killed while mergekit plans, before the writer exists: nothing is left behind.
@@ -453,8 +459,9 @@ def test_sigkill_at_several_points_resumes_to_identical_bytes(reference, config,
         completed = state["completed"]
     assert completed > 0, "no checkpoint by 90%: the last run would not resume anything"
 
-    # 5. The same command finishes the file.
-    m = Merge(config, out, launcher, tag="final")
+    # 5. The same command finishes the file, from a new interpreter as after a reboot (forked runs
+    # share the fork server's hash seed; the header and the identity must not depend on it).
+    m = Merge(config, out, Launcher(merge_env), tag="final")
     rc = m.finish()
     assert f"{completed}/{len(reference.spans)} tensors" in m.stderr, "the final run did not resume"
     _check_final(reference, m, rc)
@@ -517,7 +524,8 @@ def test_changed_config_or_input_refuses_to_resume(launcher, work):
     m.interrupt()
     state = _journal(m)
     assert state is not None and state["completed"] > 0, "no checkpoint to resume from"
-    stale_prefix = m.partial.read_bytes()[: state["offset"]]
+    partial_bytes = m.partial.read_bytes()
+    stale_prefix = partial_bytes[: state["offset"]]
     journal_text = m.journal.read_text()
 
     def refused(m: Merge, what: str) -> None:
@@ -528,7 +536,7 @@ def test_changed_config_or_input_refuses_to_resume(launcher, work):
         assert not m.out.exists()
         # Refusing leaves the partial output alone (the original command could still resume it).
         assert m.journal.read_text() == journal_text
-        assert m.partial.read_bytes()[: state["offset"]] == stale_prefix
+        assert m.partial.read_bytes() == partial_bytes
 
     # Another seed: refused, naming the config.
     other = _write_config(folder / "other-seed.yaml", inputs, seed=8)
