@@ -53,5 +53,6 @@ def test_peak_memory_does_not_hold_the_output(tmp_path):
     large_peak, large_size = _merge_peak(tmp_path, 1 / 8, "large")
     grown = large_size - small_size
     assert grown > 100e6  # the larger merge writes > 100 MB more output
-    # A writer that buffered the model would add at least the output's growth to the peak.
-    assert large_peak - small_peak < 0.5 * grown, (small_peak, large_peak, grown)
+    # A writer that buffered the model would add at least the output's growth to the peak (plus
+    # the per-tensor working set, which grows too); streaming adds only the working set.
+    assert large_peak - small_peak < grown, (small_peak, large_peak, grown)

@@ -183,3 +183,15 @@ def test_nan_input_is_left_out_with_a_warning_or_fails_by_option(llamas, tmp_pat
     failed = _run([str(BIN / "mergekit-yaml"), str(config), str(tmp_path / "out2"), "--no-copy-tokenizer"], check=False)
     assert failed.returncode != 0
     assert key in failed.stderr and str(bad) in failed.stderr
+
+
+@pytest.mark.parametrize("module", ["mergekit_sdxl.host.methods", "mergekit_sdxl.host.tasks", "mergekit_sdxl.host.driver"])
+def test_any_plugin_module_imported_first_still_registers(module):
+    code = (
+        f"import {module}\n"
+        "from mergekit.merge_methods import registry\n"
+        "import mergekit.plan\n"
+        "assert 'tgmd' in registry._METHODS\n"
+        "assert hasattr(mergekit.plan.MergePlanner.plan_tensor, '_mergekit_sdxl_original')\n"
+    )
+    _run([sys.executable, "-c", code])

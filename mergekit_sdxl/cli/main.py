@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
 
 app = typer.Typer(
@@ -95,7 +96,19 @@ def main() -> None:
     register_all()
     command = typer.main.get_command(app)
     command.add_command(merge_command, "merge")  # type: ignore[attr-defined]
-    command(prog_name="mergekit-sdxl")
+    # Handled here rather than by click's standalone mode: typer's group does not catch the
+    # Exit/UsageError raised by the plain click ``merge`` command (a traceback after --help).
+    try:
+        # Without standalone mode click returns the exit code of ctx.exit()/typer.Exit.
+        code = command.main(prog_name="mergekit-sdxl", standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
 
 
 if __name__ == "__main__":

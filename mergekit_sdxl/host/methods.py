@@ -263,3 +263,14 @@ def build_methods() -> Tuple[ChunkedMergeMethod, ...]:
         TaskVectorMedianMethod(_task_vector_spec("ties_soup", "TIES-SOUP", 0.0, "mean")),
         GeometricMedianMethod(),
     )
+
+
+def _complete_deferred_registration() -> None:
+    # Imported before mergekit, this module triggered mergekit's post-import hook while it was
+    # half-initialised, so the hook left the registration for now.
+    from mergekit_sdxl.host import plugin
+
+    plugin.complete_deferred()
+
+
+_complete_deferred_registration()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import threading
 from typing import Any, Callable
 
@@ -33,6 +34,23 @@ def _patch(owner: Any, name: str, make: Callable[[Callable], Callable]) -> None:
     functools.update_wrapper(replacement, current)
     setattr(replacement, _PATCH_MARK, current)
     setattr(owner, name, replacement)
+
+
+_deferred = False
+
+
+def _initializing(module_name: str) -> bool:
+    module = sys.modules.get(module_name)
+    spec = getattr(module, "__spec__", None)
+    return module is not None and bool(getattr(spec, "_initializing", False))
+
+
+def complete_deferred() -> None:
+    """Finish a registration the hook had to put off (see ``on_merge_methods_imported``)."""
+    global _deferred
+    if _deferred:
+        _deferred = False
+        _register_with_mergekit()
 
 
 def register_methods() -> None:
@@ -135,6 +153,16 @@ def patch_planner() -> None:
 
 def on_merge_methods_imported() -> None:
     """Hook target: ``mergekit.merge_methods`` finished importing."""
+    global _deferred
+    if _initializing("mergekit_sdxl.host.methods"):
+        # Our methods module imported mergekit first and is itself half-initialised;
+        # it calls complete_deferred() once it is complete.
+        _deferred = True
+        return
+    _register_with_mergekit()
+
+
+def _register_with_mergekit() -> None:
     with _LOCK:
         register_methods()
         register_architecture()

@@ -103,14 +103,28 @@ class HashCache:
         st = os.stat(path)
         with self._lock:
             entry = self._ensure_loaded().get(self._key(path))
-        if entry and entry["size"] == st.st_size and entry["mtime_ns"] == st.st_mtime_ns:
+        if (
+            entry
+            and entry["size"] == st.st_size
+            and entry["mtime_ns"] == st.st_mtime_ns
+            # ctime and inode cannot be set back by hand: a rewrite with the old mtime restored
+            # (or within one timestamp tick) still invalidates the entry.
+            and entry.get("ctime_ns") == st.st_ctime_ns
+            and entry.get("inode") == st.st_ino
+        ):
             return str(entry["sha256"])
         return None
 
     def record(self, path: PathLike, sha256_hex: str, stat: Optional[os.stat_result] = None) -> None:
         """Store a known sha256 for ``path`` (e.g. one computed while writing it) and persist."""
         st = stat if stat is not None else os.stat(path)
-        entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_hex.lower()}
+        entry = {
+            "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+            "ctime_ns": st.st_ctime_ns,
+            "inode": st.st_ino,
+            "sha256": sha256_hex.lower(),
+        }
         key = self._key(path)
         with self._lock:
             # Re-read before writing so entries saved by other processes meanwhile survive.
@@ -132,7 +146,7 @@ class HashCache:
         before = os.stat(path)
         digest = _hash_with_progress(path, before.st_size) if progress else sha256_file(path)
         after = os.stat(path)
-        if (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns):
+        if (before.st_size, before.st_mtime_ns, before.st_ctime_ns) == (after.st_size, after.st_mtime_ns, after.st_ctime_ns):
             self.record(path, digest, stat=after)
         else:
             # The file changed while we read it: the digest may match neither version.

@@ -367,7 +367,7 @@ class StreamingCheckpointWriter:
         self._hasher = hasher
         self._index = self._resumed_from = state.completed
         self._offset = self._last_ckpt_offset = state.offset
-        logger.info(
+        logger.warning(
             "resuming %s: %d/%d tensors (%.1f MiB) already written",
             self.out_path,
             state.completed,
