@@ -42,28 +42,10 @@ def _write_models(models_dir: Path, n_models: int) -> Path:
 
 
 def _denoise(out: Path, config_dir: Path) -> None:
-    import diffusers
-
+    from mergekit_sdxl.sdxl.diffusers_check import denoise_two_steps
     from mergekit_sdxl.sdxl.tiny import write_tiny_config_dir
 
-    folder = write_tiny_config_dir(config_dir)
-    pipe = diffusers.StableDiffusionXLPipeline.from_single_file(
-        str(out), config=str(folder), tokenizer=None, tokenizer_2=None, local_files_only=True, torch_dtype=torch.float32
-    )
-    generator = torch.Generator().manual_seed(0)
-    ctx = pipe.unet.config.cross_attention_dim
-    pooled = pipe.text_encoder_2.config.projection_dim
-    image = pipe(
-        prompt_embeds=torch.randn(1, 77, ctx, generator=generator),
-        pooled_prompt_embeds=torch.randn(1, pooled, generator=generator),
-        negative_prompt_embeds=torch.zeros(1, 77, ctx),
-        negative_pooled_prompt_embeds=torch.zeros(1, pooled),
-        num_inference_steps=2,
-        height=64,
-        width=64,
-        output_type="np",
-        generator=generator,
-    ).images
+    image = denoise_two_steps(out, write_tiny_config_dir(config_dir))
     finite = bool(torch.isfinite(torch.as_tensor(image)).all())
     typer.echo(f"diffusers: loaded {out.name} and ran 2 denoising steps -> image {tuple(image.shape)}, finite={finite}")
     if not finite:

@@ -26,7 +26,6 @@ from transformers import PretrainedConfig
 
 from mergekit_sdxl.sdxl import keys as sdxl_keys
 from mergekit_sdxl.sdxl.header import CheckpointError, read_header
-from mergekit_sdxl.sdxl.manifest import SDXL_KEYS
 
 LOG = logging.getLogger(__name__)
 
@@ -89,7 +88,7 @@ class SDXLCheckpointIndex(ShardedTensorIndex):
             if canonical in stored_names and stored_names[canonical] == canonical:
                 continue  # the sgm name wins over a variant spelling
             stored_names[canonical] = stored
-            shapes[canonical] = _canonical_shape(canonical, stored, tuple(info.shape))
+            shapes[canonical] = sdxl_keys.canonical_shape(canonical, stored, tuple(info.shape))
             stored_shapes[canonical] = tuple(info.shape)
             byte_ranges[canonical] = header.absolute_offsets(stored)
             dtypes[canonical] = info.dtype
@@ -231,16 +230,6 @@ class SDXLCheckpointLoader(LazyTensorLoader):
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
-
-
-def _canonical_shape(canonical: str, stored: str, shape: Tuple[int, ...]) -> Tuple[int, ...]:
-    """Shape of the tensor after key hygiene (see ``sdxl.keys.canonicalize_tensor``)."""
-    expected_rank = len(SDXL_KEYS[canonical].shape)
-    if canonical != stored and len(shape) == 2:
-        return (shape[1], shape[0])  # Linear [out, in] -> sgm [in, out]
-    if len(shape) == 2 and expected_rank == 4:
-        return shape + (1, 1)  # converted VAE attention back to 1x1 conv
-    return shape
 
 
 _INDEX_CACHE: Dict[Tuple[str, int, int], SDXLCheckpointIndex] = {}
