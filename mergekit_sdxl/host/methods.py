@@ -9,8 +9,9 @@ out-of-core (``host.chunked``) paths run the same code and give the same bytes.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
 import torch
 from mergekit.merge_methods.base import (
@@ -53,6 +54,26 @@ def rows_per_chunk(shape: Sequence[int], n_inputs: int, compute_dtype: torch.dty
     itemsize = torch.finfo(compute_dtype).bits // 8
     per_row = max(1, n_inputs) * cols * itemsize * 4
     return max(1, min(rows, (chunk_bytes or _chunk_bytes) // per_row))
+
+
+# Below this many elements a key is merged on one thread: its hundreds of small tensor ops
+# cost more in OpenMP fork/join and spin-waits than they gain (5-13x slower on 2 busy cores,
+# docs/benchmarks.md). Results do not depend on the thread count.
+SMALL_TENSOR_ELEMENTS = 1 << 20
+
+
+@contextmanager
+def threads_for(numel: int) -> Iterator[None]:
+    """One intra-op thread for small tensors, the configured number for large ones."""
+    configured = torch.get_num_threads()
+    if numel >= SMALL_TENSOR_ELEMENTS or configured == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(configured)
 
 
 def compute_dtype_for(dtype: Optional[torch.dtype]) -> torch.dtype:
@@ -172,7 +193,8 @@ class ChunkedMergeMethod(GroupMergeMethod):
             result = group.base.tensor.to(compute)
             return result.to(out_dtype) if out_dtype is not None else result
         rows = rows_per_chunk(inputs.shape, len(inputs.models) + 1, compute)
-        return self.merge_readers(inputs, shared, per_model, compute, rows, out_dtype)
+        with threads_for(group.entries[0].tensor.numel()):
+            return self.merge_readers(inputs, shared, per_model, compute, rows, out_dtype)
 
     def _execute(
         self,

@@ -140,9 +140,11 @@ def _maybe_chunked(planner, task, models, ours: bool, options: SDXLOptions):
     for dim in shape:
         numel *= dim
     n = len(task.model_order)
-    # Whole-tensor working set: N inputs upcast, plus about 3 more copies for masks and sums.
-    if numel * itemsize * (n + 3) <= options.memory_budget_bytes:
+    # Whole-tensor working set: N inputs upcast, plus about 3 more copies for masks and sums;
+    # half the budget, the rest is for the N stored inputs, the output and allocator slack.
+    budget = options.memory_budget_bytes
+    if numel * itemsize * (n + 3) <= budget // 2:
         return None
-    rows = rows_per_chunk(shape, n, compute, chunk_bytes=options.memory_budget_bytes // 2)
+    rows = rows_per_chunk(shape, n, compute, chunk_bytes=budget // 4)
     device = planner.options.device if planner.options.device not in (None, "cpu") else None
     return ChunkedMergeTask(merge=task, rows_per_chunk=rows, shape=tuple(shape), device=device)

@@ -119,7 +119,7 @@ class ChunkedMergeTask(Task[Optional[torch.Tensor]]):
     def execute(self, **_kwargs) -> Optional[torch.Tensor]:
         from mergekit import merge_methods
 
-        from mergekit_sdxl.host.methods import ChunkedMergeMethod, ReaderInputs, compute_dtype_for
+        from mergekit_sdxl.host.methods import ChunkedMergeMethod, ReaderInputs, compute_dtype_for, threads_for
 
         task = self.merge
         method = merge_methods.get(task.method_name)
@@ -146,7 +146,11 @@ class ChunkedMergeTask(Task[Optional[torch.Tensor]]):
             per_model = {
                 p.name: [task.input_parameters[m][p.name] for m in others] for p in method.spec.input_parameters
             }
-            return method.merge_readers(inputs, shared, per_model, compute, self.rows_per_chunk, out_dtype)
+            numel = 1
+            for dim in self.shape:
+                numel *= dim
+            with threads_for(numel):
+                return method.merge_readers(inputs, shared, per_model, compute, self.rows_per_chunk, out_dtype)
         return self._elementwise(method, present, readers, compute, out_dtype)
 
     def _elementwise(self, method: Any, present, readers, compute, out_dtype) -> torch.Tensor:
