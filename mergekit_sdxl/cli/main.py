@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -10,6 +11,10 @@ from typing import Optional
 
 import click
 import typer
+
+# Idle OpenMP threads sleep instead of spinning: a merge runs thousands of small tensor ops, and
+# spinning workers steal the cores they wait on (docs/benchmarks.md). Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 app = typer.Typer(
     name="mergekit-sdxl",

@@ -171,6 +171,8 @@ def run_sdxl_merge(
     from mergekit_sdxl.io.provenance import build_metadata, input_info, write_sidecars
 
     started = time.monotonic()
+    if options.multi_gpu:
+        raise MergeError("--multi-gpu is not supported by mergekit-sdxl merge (one device per merge); use --cuda")
     register_all()
     loaded = load_config(config_text, overrides)
     config, sdxl = loaded.config, loaded.sdxl
