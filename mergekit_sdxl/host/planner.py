@@ -16,7 +16,7 @@ import threading
 from typing import Callable, List, Optional
 
 from mergekit.architecture import WeightInfo
-from mergekit.common import ModelReference
+from mergekit.common import ImmutableMap, ModelReference
 from mergekit.config import ConfigReader
 
 from mergekit_sdxl.host.options import SDXLOptions
@@ -106,13 +106,44 @@ def _plan_sdxl_tensor(planner, original, weight, weights_in, models, cfg_reader,
     w, task = planner._tensors[-1]
     gather = task.gather_tensors
     direct = DirectGather(
-        weight_info=gather.weight_info,
+        weight_info=ImmutableMap(data={m: _interned(wi) for m, wi in gather.weight_info.items()}),
         dtype=None if ours else gather.dtype,
         device=gather.device,
     )
-    task = task.model_copy(update={"gather_tensors": direct, "dtype": planner.config.dtype if ours else task.dtype})
+    task = task.model_copy(
+        update={
+            "gather_tensors": direct,
+            "dtype": planner.config.dtype if ours else task.dtype,
+            "input_parameters": ImmutableMap(
+                data={m: _interned_map(p) for m, p in task.input_parameters.items()}
+            ),
+        }
+    )
     chunked = _maybe_chunked(planner, task, models, ours, options)
     planner._tensors[-1] = (w, chunked or task)
+
+
+# A plan holds one task per key with N per-model WeightInfos and parameter maps; they are
+# equal across models (and across keys for the maps), so share one object per value: at
+# N = 117 this is most of the plan's memory.
+_INTERNED: dict = {}
+
+
+def _interned(value):
+    if len(_INTERNED) > 200_000:
+        _INTERNED.clear()
+    return _INTERNED.setdefault(value, value)
+
+
+def _interned_map(parameters):
+    try:
+        key = ("params", tuple(sorted(parameters.items())))
+        hash(key)
+    except TypeError:  # an unhashable parameter value: keep this map as it is
+        return parameters
+    if len(_INTERNED) > 200_000:
+        _INTERNED.clear()
+    return _INTERNED.setdefault(key, parameters)
 
 
 def _maybe_chunked(planner, task, models, ours: bool, options: SDXLOptions):
