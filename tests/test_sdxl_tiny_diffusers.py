@@ -30,16 +30,9 @@ def tiny_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_pipe(tiny_file, tiny_config_dir):
-    from diffusers import StableDiffusionXLPipeline
+    from mergekit_sdxl.sdxl.diffusers_check import load_pipeline
 
-    return StableDiffusionXLPipeline.from_single_file(
-        str(tiny_file),
-        config=str(tiny_config_dir),
-        tokenizer=None,
-        tokenizer_2=None,
-        local_files_only=True,
-        torch_dtype=torch.float32,
-    )
+    return load_pipeline(tiny_file, tiny_config_dir)
 
 
 def test_key_set_equals_manifest(tiny_file):

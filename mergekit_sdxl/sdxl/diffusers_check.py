@@ -14,11 +14,11 @@ import torch
 PathLike = Union[str, Path]
 
 
-def denoise_two_steps(checkpoint: PathLike, config_dir: PathLike, size: int = 64, seed: int = 0):
-    """Image array [1, size, size, 3] from 2 steps, with random prompt embeddings (no tokenizer)."""
+def load_pipeline(checkpoint: PathLike, config_dir: PathLike):
+    """``StableDiffusionXLPipeline`` from one file, offline: configs from ``config_dir``, no tokenizers."""
     import diffusers
 
-    pipe = diffusers.StableDiffusionXLPipeline.from_single_file(
+    return diffusers.StableDiffusionXLPipeline.from_single_file(
         str(checkpoint),
         config=str(config_dir),
         tokenizer=None,
@@ -26,6 +26,11 @@ def denoise_two_steps(checkpoint: PathLike, config_dir: PathLike, size: int = 64
         local_files_only=True,
         torch_dtype=torch.float32,
     )
+
+
+def denoise_two_steps(checkpoint: PathLike, config_dir: PathLike, size: int = 64, seed: int = 0):
+    """Image array [1, size, size, 3] from 2 steps, with random prompt embeddings (no tokenizer)."""
+    pipe = load_pipeline(checkpoint, config_dir)
     generator = torch.Generator().manual_seed(seed)
     context = pipe.unet.config.cross_attention_dim
     pooled = pipe.text_encoder_2.config.projection_dim
