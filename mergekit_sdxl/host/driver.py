@@ -190,6 +190,7 @@ def run_sdxl_merge(
         base=Path(base_path) if base_path else None,
         allow_vpred_mix=sdxl.allow_vpred_mix,
         scan=preflight_scan,
+        families=("sdxl-base",),  # the loader merges SDXL base-family files only
     )
     LOG.info("%s", report.summary())
 
