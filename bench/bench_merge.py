@@ -57,7 +57,7 @@ import threading
 import time
 from fractions import Fraction
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("tgmd", "ties_soup", "linear", "dare_ties")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -118,7 +117,7 @@ def test_mergekit_sdxl_merge_writes_one_loadable_file(three_models, tmp_path):
 def test_text_projection_variant_is_normalised(synthetic_sdxl_factory, tmp_path):
     base = synthetic_sdxl_factory("base", seed=0)
     a = synthetic_sdxl_factory("a", seed=1, base=base)
-    tb, ta = load_file(base), load_file(a)
+    ta = load_file(a)
     # Model b stores the Linear-oriented `.weight` variant (transposed) and a float position_ids.
     b_tensors = dict(load_file(synthetic_sdxl_factory("b", seed=2, base=base)))
     projection = b_tensors.pop(TEXT_PROJECTION)

@@ -265,7 +265,7 @@ def test_inspect_command_table_json_and_exit_code(folder, cache, monkeypatch):
 
 
 def test_inspect_shows_merge_provenance(folder, cache, tmp_path):
-    from mergekit_sdxl.io.provenance import build_metadata, input_info
+    from mergekit_sdxl.io.provenance import build_metadata
 
     res = build_recipe(folder["models"], folder["base"], "tgmd", cache=cache)
     meta = build_metadata(res.yaml_text, res.inputs, method="tgmd", seed=240603, dtype="float64", out_dtype="float16",

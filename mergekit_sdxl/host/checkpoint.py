@@ -24,6 +24,7 @@ import torch
 from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex, ShardInfo
 from transformers import PretrainedConfig
 
+from mergekit_sdxl.io.writer import TORCH_DTYPES
 from mergekit_sdxl.sdxl import keys as sdxl_keys
 from mergekit_sdxl.sdxl.header import CheckpointError, read_header
 
@@ -120,20 +121,6 @@ class SDXLCheckpointIndex(ShardedTensorIndex):
         )
 
 
-_TORCH_DTYPES = {
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
 _SHARED: Dict[tuple, dict] = {}
 
 
@@ -177,15 +164,12 @@ class SDXLCheckpointLoader(LazyTensorLoader):
     def _stored_rows(self, key: str, row_start: int, row_stop: int) -> torch.Tensor:
         """Rows of the tensor as stored (row-major, so a row range is one byte range)."""
         shape = self.index.stored_shapes[key]
-        dtype = _TORCH_DTYPES.get(self.index.dtypes[key])
+        dtype = TORCH_DTYPES.get(self.index.dtypes[key])
         if dtype is None:
             raise CheckpointError(self.index.file_path, f"unsupported dtype {self.index.dtypes[key]}", key=key)
         rows = shape[0] if shape else 1
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        row_bytes = (numel // rows if rows else 0) * torch.empty(0, dtype=dtype).element_size()
-        begin, _end = self.index.byte_ranges[key]
+        begin, end = self.index.byte_ranges[key]
+        row_bytes = (end - begin) // rows if rows else 0
         data = self._read(key, begin + row_start * row_bytes, begin + row_stop * row_bytes)
         flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
         if row_start == 0 and row_stop == rows:

@@ -42,8 +42,6 @@ from mergekit_sdxl.io.writer import StreamingCheckpointWriter, TensorEntrySpec, 
 
 LOG = logging.getLogger(__name__)
 
-_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "I64": torch.int64}
-
 
 class MergeError(RuntimeError):
     """A merge that cannot run; the message names the file and key where known."""
@@ -310,12 +308,10 @@ def _expected_read_bytes(pending) -> int:
     total = 0
     for name, target in pending:
         for model in _models_of(target.tensor_task):
-            index = LoaderCache().get(model).index
-            if name in getattr(index, "dtypes", {}) and name in index.stored_names:
-                numel = 1
-                for dim in index.stored_shapes[name]:
-                    numel *= dim
-                total += numel * torch.tensor([], dtype=_SAFETENSORS_DTYPES.get(index.dtypes[name], torch.float32)).element_size()
+            ranges = getattr(LoaderCache().get(model).index, "byte_ranges", {})
+            if name in ranges:
+                start, stop = ranges[name]
+                total += stop - start
     return total
 
 

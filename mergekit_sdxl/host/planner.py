@@ -49,7 +49,7 @@ class planning_options:
         _state.options = self._previous
 
 
-def _donor(planner, options: SDXLOptions, models: List[ModelReference], base: Optional[ModelReference]) -> ModelReference:
+def _donor(options: SDXLOptions, models: List[ModelReference], base: Optional[ModelReference]) -> ModelReference:
     source = options.vae.source
     if source not in ("base", "merge"):
         return ModelReference.model_validate({"model": {"path": source}})
@@ -78,13 +78,14 @@ def make_plan_tensor(original: Callable) -> Callable:
 def _stored_dtype_inputs(task, dtype: Optional[str]):
     """Our methods upcast per chunk: load inputs as stored, pass the compute dtype on."""
     gather = task.gather_tensors
-    gather = type(gather).model_validate({**dict(gather), "dtype": None}) if hasattr(gather, "dtype") else gather
+    if hasattr(gather, "dtype"):
+        gather = gather.model_copy(update={"dtype": None})
     return task.model_copy(update={"gather_tensors": gather, "dtype": dtype})
 
 
 def _plan_sdxl_tensor(planner, original, weight, weights_in, models, cfg_reader, ours: bool) -> None:
     from mergekit_sdxl.host.checkpoint import POSITION_IDS_KEY
-    from mergekit_sdxl.host.tasks import ChunkedMergeTask, DirectGather, DonorTensor, PositionIds
+    from mergekit_sdxl.host.tasks import DirectGather, DonorTensor, PositionIds
     from mergekit_sdxl.sdxl.manifest import component_of
 
     options = current_options()
@@ -95,7 +96,7 @@ def _plan_sdxl_tensor(planner, original, weight, weights_in, models, cfg_reader,
         return
     take_from_donor = (component_of(name) == "vae" and options.vae.source != "merge") or name.endswith(".logit_scale")
     if take_from_donor:
-        donor = _donor(planner, options, models, base) if component_of(name) == "vae" else (base or models[0])
+        donor = _donor(options, models, base) if component_of(name) == "vae" else (base or models[0])
         planner._tensors.append((weight, DonorTensor(model=donor, tensor=name, optional=weight.optional)))
         return
 
@@ -119,7 +120,7 @@ def _plan_sdxl_tensor(planner, original, weight, weights_in, models, cfg_reader,
             ),
         }
     )
-    chunked = _maybe_chunked(planner, task, models, ours, options)
+    chunked = _maybe_chunked(planner, task, ours, options)
     planner._tensors[-1] = (w, chunked or task)
 
 
@@ -129,10 +130,11 @@ def _plan_sdxl_tensor(planner, original, weight, weights_in, models, cfg_reader,
 _INTERNED: dict = {}
 
 
-def _interned(value):
+def _interned(value, key=None):
+    """The shared object equal to ``value`` (looked up by ``key``, default the value itself)."""
     if len(_INTERNED) > 200_000:
         _INTERNED.clear()
-    return _INTERNED.setdefault(value, value)
+    return _INTERNED.setdefault(value if key is None else key, value)
 
 
 def _interned_map(parameters):
@@ -141,12 +143,10 @@ def _interned_map(parameters):
         hash(key)
     except TypeError:  # an unhashable parameter value: keep this map as it is
         return parameters
-    if len(_INTERNED) > 200_000:
-        _INTERNED.clear()
-    return _INTERNED.setdefault(key, parameters)
+    return _interned(parameters, key)
 
 
-def _maybe_chunked(planner, task, models, ours: bool, options: SDXLOptions):
+def _maybe_chunked(planner, task, ours: bool, options: SDXLOptions):
     import torch
     from mergekit.common import dtype_from_name
     from mergekit.io.tasks import LoaderCache

@@ -290,8 +290,6 @@ def _tgmd_once(
     out_dtype: torch.dtype,
     masks: Optional[MaskFn],
 ) -> torch.Tensor:
-    zero = None
-
     def deltas(idx: Sequence[int], b: torch.Tensor, r0: int, r1: int) -> Tuple[torch.Tensor, List[bool]]:
         """Dropped task vectors [len(idx), k] of models ``idx`` on rows r0:r1 (untrimmed; rows of
         absent models are zero) and which models are present. All models at once: one read
