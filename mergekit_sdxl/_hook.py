@@ -12,16 +12,35 @@ import importlib.abc
 import importlib.machinery
 import os
 import sys
-from typing import Callable, Dict
+import threading
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator
 
 _TRIGGERS: Dict[str, str] = {
     # module whose import completes -> plugin function (in mergekit_sdxl.host.plugin) to call
     "mergekit.merge_methods": "on_merge_methods_imported",
     "mergekit.plan": "on_plan_imported",
+    "mergekit.merge": "on_merge_imported",
 }
 
 
+_local = threading.local()
+
+
+@contextmanager
+def suppressed() -> Iterator[None]:
+    """Imports of mergekit made by this package itself do not run the callbacks: the plugin's
+    modules are then mid-import, and the code that imports them registers explicitly."""
+    _local.depth = getattr(_local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _local.depth -= 1
+
+
 def _run_callback(name: str) -> None:
+    if getattr(_local, "depth", 0):
+        return
     from mergekit_sdxl.host import plugin
 
     callback: Callable[[], None] = getattr(plugin, _TRIGGERS[name])

@@ -204,13 +204,10 @@ def test_recipe_errors(folder, cache, tmp_path):
 # --- the commands -----------------------------------------------------------------------------
 
 
-def _app():
-    from mergekit_sdxl.cli.inspect_cmd import inspect_command
-    from mergekit_sdxl.cli.recipe_cmd import recipe_command
+def _app() -> typer.Typer:
+    """The real ``mergekit-sdxl`` app: its errors become messages and exit codes as in the CLI."""
+    from mergekit_sdxl.cli.main import app
 
-    app = typer.Typer()
-    app.command("inspect")(inspect_command)
-    app.command("recipe")(recipe_command)
     return app
 
 

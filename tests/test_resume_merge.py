@@ -453,7 +453,7 @@ def test_sigkill_at_several_points_resumes_to_identical_bytes(reference, config,
         m.wait_for_size(fraction, reference.size)
         assert m.interrupt() == -signal.SIGKILL
         if completed:
-            assert f"{completed}/{len(reference.spans)} tensors" in m.stderr, "the run did not resume"
+            assert f"resuming: {completed} of {len(reference.spans)} tensors done" in m.stderr, "the run did not resume"
         state = _check_partial(reference, m)
         assert state["completed"] >= completed, "the journal went backwards"
         completed = state["completed"]
@@ -463,7 +463,7 @@ def test_sigkill_at_several_points_resumes_to_identical_bytes(reference, config,
     # share the fork server's hash seed; the header and the identity must not depend on it).
     m = Merge(config, out, Launcher(merge_env), tag="final")
     rc = m.finish()
-    assert f"{completed}/{len(reference.spans)} tensors" in m.stderr, "the final run did not resume"
+    assert f"resuming: {completed} of {len(reference.spans)} tensors done" in m.stderr, "the final run did not resume"
     _check_final(reference, m, rc)
 
 
@@ -506,7 +506,7 @@ def test_ctrl_c_leaves_a_resumable_partial(reference, config, launcher, work):
 
     m = Merge(config, out, launcher, tag="resumed")
     rc = m.finish()
-    assert f"{state['completed']}/{len(reference.spans)} tensors" in m.stderr, "the rerun did not resume"
+    assert f"resuming: {state['completed']} of {len(reference.spans)} tensors done" in m.stderr, "the rerun did not resume"
     _check_final(reference, m, rc)
 
 

@@ -11,41 +11,69 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import typer
 
 from mergekit_sdxl.host.preflight import FileReport, inspect_file
+from mergekit_sdxl.text import printable
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["inspect_command", "inspect_paths", "format_table", "expand_paths"]
 
 
-def expand_paths(paths: Sequence[Path]) -> List[Path]:
-    """Files as given; directories expanded to their ``*.safetensors`` (recursive, sorted)."""
-    from mergekit_sdxl.host.recipe import discover_checkpoints
+def _is_dir(p: Path) -> bool:
+    """``p.is_dir()`` that says False instead of raising (e.g. a path inside an unreadable folder)."""
+    try:
+        return p.is_dir()
+    except OSError:
+        return False
 
-    out: List[Path] = []
+
+def _expand(paths: Sequence[Path]) -> List[Union[Path, FileReport]]:
+    """Files as given; directories expanded to their ``*.safetensors`` (recursive, sorted), with
+    what could not be read there (folders, files) as error reports in path order."""
+    from mergekit_sdxl.io.discover import discover_safetensors
+
+    out: List[Union[Path, FileReport]] = []
     for p in paths:
-        if p.is_dir():
-            found = discover_checkpoints(p)
-            if not found:
-                logger.warning("%s: no .safetensors files found", p)
-            out.extend(found)
-        else:
+        if not _is_dir(p):
             out.append(p)
+            continue
+        try:
+            found = discover_safetensors(p)
+        except OSError as e:  # vanished or became inaccessible since _is_dir
+            out.append(FileReport(path=str(p), error=e.strerror or str(e)))
+            continue
+        if not found.files and not found.problems:
+            logger.warning("%s: no .safetensors files found", printable(p))
+        items: List[Tuple[str, Union[Path, FileReport]]] = [(f.as_posix(), f) for f in found.files]
+        for path, reason in found.problems:
+            logger.warning("%s: %s", printable(path), reason)
+            items.append((path.as_posix(), FileReport(path=str(path), error=reason)))
+        out.extend(item for _, item in sorted(items, key=lambda kv: kv[0]))
     return out
 
 
+def expand_paths(paths: Sequence[Path]) -> List[Path]:
+    """Files as given; directories expanded to their ``*.safetensors`` (recursive, sorted).
+    Folders and files that could not be read are logged (:func:`inspect_paths` reports them)."""
+    return [p for p in _expand(paths) if isinstance(p, Path)]
+
+
 def inspect_paths(paths: Sequence[Path], *, hash: bool = True, scan: bool = False, cache=None) -> List[FileReport]:
-    """One :class:`FileReport` per file (directories expanded)."""
+    """One :class:`FileReport` per file (directories expanded); unreadable folders and files found
+    there are reports with ``error`` set, in path order."""
     if hash and cache is None:
         from mergekit_sdxl.io.hashing import HashCache
 
         cache = HashCache()
     progress = hash and sys.stderr.isatty()  # a progress bar while hashing files not yet cached
-    return [inspect_file(p, hash=hash, scan=scan, cache=cache, progress=progress) for p in expand_paths(paths)]
+    return [
+        item if isinstance(item, FileReport) else inspect_file(item, hash=hash, scan=scan, cache=cache, progress=progress)
+        for item in _expand(paths)
+    ]
 
 
 def _size(n: int) -> str:
@@ -87,8 +115,9 @@ def format_table(reports: Sequence[FileReport], *, show_scan: bool = False, base
                 name = Path(rep.path).relative_to(base_dir).as_posix()
             except ValueError:
                 pass
+        name = printable(name)  # before measuring widths: escapes are what gets printed
         if not rep.ok:
-            errors.append((name, rep.error))
+            errors.append((name, printable(rep.error)))
             continue
         d = rep.detection
         assert d is not None
@@ -99,7 +128,7 @@ def format_table(reports: Sequence[FileReport], *, show_scan: bool = False, base
         ]
         if show_scan:
             row.insert(8, _nonfinite(rep))
-        rows.append(row)
+        rows.append([printable(c) for c in row])
     lines: List[str] = []
     if rows:
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
@@ -107,7 +136,7 @@ def format_table(reports: Sequence[FileReport], *, show_scan: bool = False, base
 
         def fmt(cells: Sequence[str]) -> str:
             return "  ".join(
-                (c.rjust(w) if h in right else c.ljust(w)) for c, w, h in zip(cells, widths, headers)
+                (c.rjust(w) if h in right else c.ljust(w)) for c, w, h in zip(cells, widths, headers, strict=True)
             ).rstrip()
 
         lines.append(fmt(headers))
@@ -144,10 +173,22 @@ def format_table(reports: Sequence[FileReport], *, show_scan: bool = False, base
         lines.extend(f"  {x}" for x in details)
         if rec is not None:
             lines.extend(_format_provenance(rec))
-    return "\n".join(lines)
+    # Everything above may carry text from the files (names, keys, metadata, recipes): no line
+    # reaches the terminal with a control character, bidi override or lone surrogate in it.
+    return "\n".join(printable(line) for line in lines)
+
+
+def _json_excerpt(value: Any, limit: int = 300) -> str:
+    """Compact JSON of a recipe parsed from a file's metadata, cut to ``limit`` characters."""
+    try:
+        text = json.dumps(value, sort_keys=True)
+    except (TypeError, ValueError, RecursionError):  # odd keys, or nesting deep enough to overflow
+        text = repr(value)[:limit] if not isinstance(value, (dict, list)) else "<unprintable recipe>"
+    return text[:limit]
 
 
 def _format_provenance(rec: Dict[str, Any]) -> List[str]:
+    """Lines about how a file was merged (every value from the file; the caller escapes them)."""
     out: List[str] = []
     if rec.get("tool") == "mergekit-sdxl":
         out.append(
@@ -155,7 +196,7 @@ def _format_provenance(rec: Dict[str, Any]) -> List[str]:
             f"method {rec.get('method')}, seed {rec.get('seed') or '-'}, dtype {rec.get('dtype') or '-'} -> {rec.get('out_dtype') or '-'}"
         )
     else:
-        out.append(f"  merge recipe ({rec.get('tool')}): {json.dumps(rec.get('recipe'), sort_keys=True)[:300]}")
+        out.append(f"  merge recipe ({rec.get('tool')}): {_json_excerpt(rec.get('recipe'))}")
     inputs = rec.get("inputs") or []
     if inputs:
         out.append(f"  inputs ({len(inputs)}):")
@@ -168,7 +209,8 @@ def _format_provenance(rec: Dict[str, Any]) -> List[str]:
             )
     if rec.get("tool") == "mergekit-sdxl" and rec.get("recipe"):
         out.append("  recipe:")
-        out.extend(f"    {line}" for line in str(rec["recipe"]).rstrip("\n").splitlines())
+        # split on "\n" only: str.splitlines() would also split on \r, \x0b, \x1c... and hide them
+        out.extend(f"    {line}" for line in str(rec["recipe"]).rstrip("\n").split("\n"))
     return out
 
 
@@ -180,7 +222,7 @@ def inspect_command(
 ) -> None:
     """Family, v-pred/ztsnr, dtype, key differences, size, sha256/AutoV2 (and NaN/inf) per checkpoint."""
     reports = inspect_paths(paths, hash=not no_hash, scan=scan)
-    base_dir = paths[0] if len(paths) == 1 and paths[0].is_dir() else None
+    base_dir = paths[0] if len(paths) == 1 and _is_dir(paths[0]) else None
     if as_json:
         doc = []
         for rep in reports:

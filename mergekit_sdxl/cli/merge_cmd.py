@@ -10,12 +10,21 @@ import logging
 import os
 import shlex
 import sys
-from typing import Optional
+from typing import Optional, Sequence
 
 import click
 from mergekit.options import MergeOptions, add_merge_options
 
 LOG = logging.getLogger(__name__)
+
+
+def published_command(argv: Sequence[str], *, keep_paths: bool) -> str:
+    """The command that was run, as the model card shows it: ``mergekit-sdxl SUBCOMMAND ARGS``,
+    with paths shortened to their file names unless ``keep_paths`` (they are the user's)."""
+    args = list(argv[1:])
+    if not keep_paths:
+        args = [os.path.basename(a) if os.sep in a and not a.startswith("-") else a for a in args]
+    return " ".join(shlex.quote(a) for a in ["mergekit-sdxl", *args])
 
 
 def report_result(result, echo=click.echo) -> None:
@@ -30,13 +39,16 @@ def report_result(result, echo=click.echo) -> None:
 
 @click.command("merge")
 @click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
-@click.argument("out_path", type=click.Path(dir_okay=False))
+@click.argument("out_path", type=click.Path())
 @click.option("--memory-budget", default=None, help="Working memory bound, e.g. 4GB, 512MB (default: half the free RAM, at most 8 GiB).")
 @click.option("--threads", type=int, default=None, help="Torch threads for the math inside one tensor.")
 @click.option("--vae", "vae_source", default=None, help="VAE source: base (default), merge, or a checkpoint path.")
 @click.option("--allow-vpred-mix", is_flag=True, default=None, help="Allow merging v-prediction and epsilon models.")
 @click.option("--scan", is_flag=True, default=False, help="Preflight also reads every value (NaN/inf check).")
 @click.option("--restart", is_flag=True, default=False, help="Discard an interrupted merge of this output and start over.")
+@click.option("--no-verify-pins", is_flag=True, default=False, help="Do not check the inputs against the sha256 pins of the recipe.")
+@click.option("--allow-base-in-models", is_flag=True, default=False, help="Accept the base model listed again under models:.")
+@click.option("--keep-paths", is_flag=True, default=False, help="Record full input paths in the output's metadata and card (private use).")
 @add_merge_options
 def merge_command(
     merge_options: MergeOptions,
@@ -48,10 +60,12 @@ def merge_command(
     allow_vpred_mix: Optional[bool],
     scan: bool,
     restart: bool,
+    no_verify_pins: bool,
+    allow_base_in_models: bool,
+    keep_paths: bool,
 ) -> None:
     """Merge the checkpoints of CONFIG_FILE into ONE single-file SDXL checkpoint OUT_PATH."""
-    from mergekit_sdxl.host.driver import run_sdxl_merge
-    from mergekit_sdxl.io.journal import ResumeMismatch
+    from mergekit_sdxl.host.driver import read_config_text, run_sdxl_merge
 
     if threads is not None:
         merge_options = merge_options.model_copy(update={"num_threads": threads})
@@ -63,26 +77,18 @@ def merge_command(
         "allow_vpred_mix": allow_vpred_mix,
         "vae": {"source": vae_source} if vae_source else None,
     }
-    with open(config_file, encoding="utf-8") as handle:
-        text = handle.read()
-    try:
-        result = run_sdxl_merge(
-            text,
-            out_path,
-            merge_options,
-            overrides=overrides,
-            restart=restart,
-            preflight_scan=scan,
-            command=" ".join(shlex.quote(a) for a in ["mergekit-sdxl", *sys.argv[2:]]),
-            config_name=os.path.basename(config_file),
-        )
-    except ResumeMismatch as error:
-        click.echo(f"error: {error}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("interrupted: run the same command again to resume", err=True)
-        sys.exit(130)
-    except (ValueError, RuntimeError, FileNotFoundError) as error:
-        click.echo(f"error: {error}", err=True)
-        sys.exit(1)
+    result = run_sdxl_merge(
+        read_config_text(config_file),
+        out_path,
+        merge_options,
+        overrides=overrides,
+        restart=restart,
+        preflight_scan=scan,
+        command=published_command(sys.argv, keep_paths=keep_paths),
+        config_name=os.path.basename(config_file),
+        source=config_file,
+        verify_pins=not no_verify_pins,
+        allow_base_in_models=allow_base_in_models,
+        keep_paths=keep_paths,
+    )
     report_result(result)

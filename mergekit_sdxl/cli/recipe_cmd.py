@@ -15,7 +15,8 @@ from typing import List, Optional
 
 import typer
 
-from mergekit_sdxl.host.recipe import Method, RecipeError, build_recipe
+from mergekit_sdxl.host.recipe import Method, build_recipe
+from mergekit_sdxl.text import printable
 
 logger = logging.getLogger(__name__)
 
@@ -45,22 +46,23 @@ def recipe_command(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the DROP masks (tgmd default: 240603)."),
 ) -> None:
     """Discover, validate and filter checkpoints; write a mergekit config pinned by sha256."""
+    from mergekit_sdxl.host.recipe import refuse_writes_over_inputs
+    from mergekit_sdxl.io.output_guard import check_config_target
+    from mergekit_sdxl.io.safe_write import atomic_write_text
+
     method_s = method.value if isinstance(method, Method) else str(method)
     cmd = _command_line(directory, base, method_s, output, scan, allow_vpred_mix, seed)
-    try:
-        result = build_recipe(directory, base, method_s, scan=scan, allow_vpred_mix=allow_vpred_mix, seed=seed, command=cmd)
-    except RecipeError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(code=1)
+    if output is not None:
+        check_config_target(output)
+        refuse_writes_over_inputs([output], directory, base, own_outputs_allowed=False)
+    result = build_recipe(directory, base, method_s, scan=scan, allow_vpred_mix=allow_vpred_mix, seed=seed, command=cmd)
     to_stdout = output is None
     for line in result.summary_lines():
         typer.echo(line, err=to_stdout)
-    if to_stdout:
+    if output is None:
         sys.stdout.write(result.yaml_text)
         sys.stdout.flush()
-    else:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = output.with_name(output.name + ".tmp")
-        tmp.write_text(result.yaml_text, encoding="utf-8")
-        tmp.replace(output)
-        typer.echo(f"wrote {output}: merge with `mergekit-sdxl merge {shlex.quote(str(output))} OUT.safetensors`")
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output, result.yaml_text)
+    typer.echo(f"wrote {printable(output)}: merge with `mergekit-sdxl merge {shlex.quote(str(output))} OUT.safetensors`")

@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import yaml
@@ -31,6 +31,8 @@ from mergekit.plan import MergePlanner
 from tqdm.auto import tqdm
 
 import mergekit_sdxl
+from mergekit_sdxl.errors import OutputError, UsageError, UserError
+from mergekit_sdxl.io.safe_write import describe_os_error
 from mergekit_sdxl.host.architecture import is_sdxl_architecture
 from mergekit_sdxl.host.checkpoint import SDXLCheckpointLoader, checkpoint_index, is_checkpoint_file
 from mergekit_sdxl.host.methods import set_chunk_bytes
@@ -38,12 +40,19 @@ from mergekit_sdxl.host.options import SDXLOptions
 from mergekit_sdxl.host.planner import planning_options
 from mergekit_sdxl.host.plugin import register_all
 from mergekit_sdxl.host.tasks import DonorTensor, OutputTensor, PositionIds
+from mergekit_sdxl.io.output_guard import (
+    check_no_symlinks,
+    check_output_target,
+    check_writes_do_not_clash,
+    merge_output_paths,
+)
+from mergekit_sdxl.io.output_lock import OutputLock
 from mergekit_sdxl.io.writer import StreamingCheckpointWriter, TensorEntrySpec, WriteResult
 
 LOG = logging.getLogger(__name__)
 
 
-class MergeError(RuntimeError):
+class MergeError(UserError, RuntimeError):
     """A merge that cannot run; the message names the file and key where known."""
 
 
@@ -62,16 +71,43 @@ class LoadedConfig:
     sdxl: SDXLOptions
 
 
-def load_config(text: str, overrides: Optional[Dict] = None) -> LoadedConfig:
+def read_config_text(path: str) -> str:
+    """The text of a config file, or a :class:`UsageError` naming it."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{path}: not a UTF-8 text file (is it a YAML config?)") from error
+    except OSError as error:
+        raise UsageError(describe_os_error(error, path)) from error
+
+
+def load_config(text: str, overrides: Optional[Dict] = None, *, source: str = "config") -> LoadedConfig:
     """Parse a mergekit YAML with an optional ``sdxl:`` section (CLI overrides win)."""
-    raw = yaml.safe_load(text)
-    if not isinstance(raw, dict):
-        raise MergeError("config is not a YAML mapping")
+    from pydantic import ValidationError
+
+    from mergekit_sdxl.host.validate import load_yaml
+
+    raw = load_yaml(text, source)
     section = dict(raw.pop("sdxl", None) or {})
     for key, value in (overrides or {}).items():
         if value is not None:
             section[key] = value
-    return LoadedConfig(text=text, config=MergeConfiguration.model_validate(raw), sdxl=SDXLOptions.model_validate(section))
+    try:
+        config = MergeConfiguration.model_validate(raw)
+        sdxl = SDXLOptions.model_validate(section)
+    except ValidationError as error:
+        raise UsageError(f"config {source}: {_first_validation_error(error)}") from error
+    except ValueError as error:
+        raise UsageError(f"config {source}: {error}") from error
+    return LoadedConfig(text=text, config=config, sdxl=sdxl)
+
+
+def _first_validation_error(error: "Any") -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    more = len(error.errors()) - 1
+    return f"{where}: {first.get('msg')}" + (f" (and {more} more problems)" if more > 0 else "")
 
 
 def input_paths(config: MergeConfiguration, sdxl: Optional[SDXLOptions] = None) -> List[Tuple[str, str]]:
@@ -162,26 +198,102 @@ def run_sdxl_merge(
     preflight_scan: bool = False,
     command: Optional[str] = None,
     config_name: Optional[str] = None,
+    source: Optional[str] = None,
+    verify_pins: bool = True,
+    allow_base_in_models: bool = False,
+    keep_paths: bool = False,
 ) -> MergeResult:
-    """Merge SDXL checkpoints (or anything mergekit plans) into one safetensors file."""
-    from mergekit_sdxl.host.preflight import preflight
-    from mergekit_sdxl.io.hashing import HashCache
-    from mergekit_sdxl.io.provenance import build_metadata, input_info, write_sidecars
+    """Merge SDXL checkpoints into one safetensors file.
 
+    ``source`` is the config file's path (named in error messages, and never written over); ``verify_pins`` checks the inputs against
+    the recipe's sha256 pins; ``keep_paths`` records full input paths in the published
+    metadata (by default only file names).
+
+    Before any work: the config is validated, every path the merge writes is checked against
+    every input, and the output's lock is taken (one merge per output at a time).
+    """
     started = time.monotonic()
     if options.multi_gpu:
         raise MergeError("--multi-gpu is not supported by mergekit-sdxl merge (one device per merge); use --cuda")
+    from mergekit_sdxl.host.validate import validate_config
+    from mergekit_sdxl.io.hashing import HashCache
+
     register_all()
-    loaded = load_config(config_text, overrides)
+    check_output_target(out_path, suffix=".safetensors")
+    cache = HashCache()
+    label = source or "(given as text)"
+    validate_config(  # logs its warnings (copies of one file, ...)
+        config_text,
+        source=label,
+        allow_base_in_models=allow_base_in_models,
+        sha256_of=cache.sha256,
+        verify_pins=verify_pins,
+    )
+    loaded = load_config(config_text, overrides, source=label)
     config, sdxl = loaded.config, loaded.sdxl
-    if not out_path.lower().endswith(".safetensors"):
-        raise MergeError(f"output must be a .safetensors file path, got {out_path}")
     roles = input_paths(config, sdxl)
     paths = [p for p, _ in roles]
-    files = [p for p in paths if is_checkpoint_file(p)]
-    if files and len(files) != len(paths):
-        missing = [p for p in paths if p not in files]
+    missing = [p for p in paths if not is_checkpoint_file(p)]
+    if missing:
         raise MergeError("inputs not found or not .safetensors files: " + ", ".join(missing))
+    writes = merge_output_paths(out_path)
+    guarded = [(p, _role_label(role)) for p, role in roles]
+    if source and os.path.isfile(source):
+        guarded.append((source, "the config file"))
+    check_writes_do_not_clash(writes, guarded)
+    check_no_symlinks(writes[2:])  # the .partial may be a stale link: the writer replaces it
+    _refuse_foreign_output(out_path)
+    _make_output_folder(out_path)
+    with OutputLock(out_path):
+        return _locked_merge(
+            loaded, roles, out_path, options, overrides, restart, preflight_scan, command, config_name, started,
+            cache=cache, keep_paths=keep_paths,
+        )
+
+
+def _make_output_folder(out_path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(out_path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise OutputError(describe_os_error(error, folder)) from error
+
+
+def _role_label(role: str) -> str:
+    return {"base": "the base model", "vae": "the VAE donor"}.get(role, "the input model")
+
+
+def _refuse_foreign_output(out_path: str) -> None:
+    """An existing file under the output name is replaced only if an earlier merge made it."""
+    from mergekit_sdxl.io.provenance import is_merge_output
+
+    if os.path.lexists(out_path) and not is_merge_output(out_path):
+        raise MergeError(
+            f"{out_path}: exists and was not written by mergekit-sdxl; refusing to replace it "
+            "(move it or choose another output name)"
+        )
+
+
+def _locked_merge(
+    loaded: "LoadedConfig",
+    roles: List[Tuple[str, str]],
+    out_path: str,
+    options: MergeOptions,
+    overrides: Optional[Dict],
+    restart: bool,
+    preflight_scan: bool,
+    command: Optional[str],
+    config_name: Optional[str],
+    started: float,
+    *,
+    cache: "Any",
+    keep_paths: bool,
+) -> MergeResult:
+    from mergekit_sdxl.host.preflight import preflight
+    from mergekit_sdxl.io.provenance import build_metadata, input_info, publishable_recipe, write_sidecars
+
+    config, sdxl, config_text = loaded.config, loaded.sdxl, loaded.text
+    files = [p for p, _ in roles]
     base_path = config.base_model.model.path if config.base_model else None
     report = preflight(
         [Path(p) for p in files],
@@ -211,11 +323,10 @@ def run_sdxl_merge(
         planner._plan()
     entries, targets = _entries(planner._tensors, out_dtype, _agreed_flags(files))
 
-    cache = HashCache()
     infos = [input_info(path, role=role, cache=cache) for path, role in roles]
     params = dict(config.parameters or {})
     metadata = build_metadata(
-        recipe_text,
+        recipe_text if keep_paths else publishable_recipe(recipe_text, [p for p, _ in roles]),
         infos,
         method=config.merge_method,
         seed=str(params.get("seed", "")),
@@ -231,6 +342,7 @@ def run_sdxl_merge(
     options_identity = {k: v for k, v in (overrides or {}).items() if k != "memory_budget"}
     identity = fingerprint(config_text, [(i.path, i.size, os.stat(i.path).st_mtime_ns, i.sha256) for i in infos], json.dumps(options_identity, sort_keys=True))
     writer = StreamingCheckpointWriter.open_or_resume(out_path, entries, metadata, fingerprint=identity, restart=restart)
+    _check_free_space(writer)
     done = set(writer.completed_names())
     pending = [(name, task) for name, task in targets if name not in done]
     constants = {spec.name: torch.empty(0, dtype=torch.float32) for spec in entries if spec.shape == (0,) and spec.name not in done}
@@ -268,11 +380,28 @@ def run_sdxl_merge(
         drain()
         if position != len(order):
             raise MergeError(f"merge produced no value for {order[position]}")
-        result = writer.close()
+        result = writer.close(
+            before_publish=lambda r: write_sidecars(
+                out_path, metadata, r.sha256, r.autov2, infos, command=command, config_name=config_name, size=r.size
+            )
+        )
     cache.record(out_path, result.sha256)
-    write_sidecars(out_path, metadata, result.sha256, result.autov2, infos, command=command, config_name=config_name)
     bytes_read = sum(l.bytes_read for l in loaders) - read_start
     return MergeResult(write=result, keys=len(entries), bytes_read=bytes_read, seconds=time.monotonic() - started)
+
+
+def _check_free_space(writer: StreamingCheckpointWriter) -> None:
+    """Refuse to start when the output cannot fit on its disk (the partial output stays resumable)."""
+    import shutil
+
+    needed = writer.bytes_remaining
+    free = shutil.disk_usage(writer.temp_path.parent).free
+    if needed > free:
+        writer.abort()
+        raise MergeError(
+            f"{writer.out_path}: needs {needed / 1e9:.2f} GB more on its disk but only {free / 1e9:.2f} GB are free; "
+            "free some space (or choose another output folder) and run the same command again"
+        )
 
 
 class StreamingExecutor(Executor):

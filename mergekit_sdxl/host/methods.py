@@ -28,7 +28,14 @@ from mergekit.merge_methods.base import (
 from pydantic import Field
 from typing_extensions import Annotated
 
-from mergekit_sdxl.kernels.tgmd import TGMDParams, merge_geometric_median, merge_task_vectors, rows_cols
+from mergekit_sdxl.errors import InputDataError
+from mergekit_sdxl.kernels.tgmd import (
+    InputValuesError,
+    TGMDParams,
+    merge_geometric_median,
+    merge_task_vectors,
+    rows_cols,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -48,7 +55,9 @@ def set_chunk_bytes(value: int) -> None:
     _chunk_bytes = max(int(value), 1)
 
 
-def rows_per_chunk(shape: Sequence[int], n_inputs: int, compute_dtype: torch.dtype, chunk_bytes: Optional[int] = None) -> int:
+def rows_per_chunk(
+    shape: Sequence[int], n_inputs: int, compute_dtype: torch.dtype, chunk_bytes: Optional[int] = None
+) -> int:
     """Rows per chunk so that N inputs in the compute dtype, about 4 copies, fit the bound."""
     rows, cols = rows_cols(torch.Size(shape))
     itemsize = torch.finfo(compute_dtype).bits // 8
@@ -140,10 +149,19 @@ def _bad_input_handler(inputs: ReaderInputs, policy: str) -> Callable[[int, str]
     def handle(index: int, message: str) -> None:
         text = f"{inputs.labels[index]}: key {inputs.tensor_name}: {message}"
         if policy == "error":
-            raise ValueError(text + " (on_nonfinite: error)")
+            raise InputDataError(text + " (on_nonfinite: error)")
         LOG.warning("%s; that input is left out of this key", text)
 
     return handle
+
+
+@contextmanager
+def _input_values_are_user_errors() -> Iterator[None]:
+    # The kernels know no package exceptions; what the inputs' values cause is the user's to fix.
+    try:
+        yield
+    except InputValuesError as error:
+        raise InputDataError(str(error)) from error
 
 
 class ChunkedMergeMethod(GroupMergeMethod):
@@ -160,7 +178,9 @@ class ChunkedMergeMethod(GroupMergeMethod):
     ) -> torch.Tensor:
         raise NotImplementedError
 
-    def _split_group(self, group: TensorGroup, parameters: Dict[str, Any]) -> Tuple[ReaderInputs, Dict[str, Any], Dict[str, List[Any]]]:
+    def _split_group(
+        self, group: TensorGroup, parameters: Dict[str, Any]
+    ) -> Tuple[ReaderInputs, Dict[str, Any], Dict[str, List[Any]]]:
         shape = tuple(group.entries[0].tensor.shape)
         rows, cols = rows_cols(torch.Size(shape))
 
@@ -179,15 +199,15 @@ class ChunkedMergeMethod(GroupMergeMethod):
             labels=tuple(model_key(entry.id) for entry in others),
         )
         shared = {p.name: parameters[p.name] for p in self.spec.shared_parameters}
-        per_model = {
-            p.name: [parameters[p.name][entry.id] for entry in others] for p in self.spec.input_parameters
-        }
+        per_model = {p.name: [parameters[p.name][entry.id] for entry in others] for p in self.spec.input_parameters}
         return inputs, shared, per_model
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         return self._merge_one(group, parameters, torch.float32, None)
 
-    def _merge_one(self, group: TensorGroup, parameters: Dict[str, Any], compute: torch.dtype, out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    def _merge_one(
+        self, group: TensorGroup, parameters: Dict[str, Any], compute: torch.dtype, out_dtype: Optional[torch.dtype]
+    ) -> torch.Tensor:
         inputs, shared, per_model = self._split_group(group, parameters)
         if not inputs.models and inputs.base is not None:
             result = group.base.tensor.to(compute)
@@ -232,18 +252,19 @@ class TaskVectorMedianMethod(ChunkedMergeMethod):
             lambda_=parameters["lambda"],
             seed=parameters["seed"],
         )
-        return merge_task_vectors(
-            inputs.tensor_name,
-            torch.Size(inputs.shape),
-            inputs.base,
-            inputs.models,
-            inputs.model_keys,
-            params,
-            compute_dtype,
-            rows,
-            out_dtype=out_dtype,
-            on_bad_input=_bad_input_handler(inputs, parameters["on_nonfinite"]),
-        )
+        with _input_values_are_user_errors():
+            return merge_task_vectors(
+                inputs.tensor_name,
+                torch.Size(inputs.shape),
+                inputs.base,
+                inputs.models,
+                inputs.model_keys,
+                params,
+                compute_dtype,
+                rows,
+                out_dtype=out_dtype,
+                on_bad_input=_bad_input_handler(inputs, parameters["on_nonfinite"]),
+            )
 
 
 class GeometricMedianMethod(ChunkedMergeMethod):
@@ -263,19 +284,20 @@ class GeometricMedianMethod(ChunkedMergeMethod):
         )
 
     def merge_readers(self, inputs, parameters, per_model, compute_dtype, rows, out_dtype):  # type: ignore[override]
-        return merge_geometric_median(
-            inputs.tensor_name,
-            torch.Size(inputs.shape),
-            inputs.models,
-            weights=tuple(per_model["weight"]),
-            eps=parameters["eps"],
-            maxiter=parameters["maxiter"],
-            ftol=parameters["ftol"],
-            compute_dtype=compute_dtype,
-            rows_per_chunk=rows,
-            out_dtype=out_dtype,
-            on_bad_input=_bad_input_handler(inputs, parameters["on_nonfinite"]),
-        )
+        with _input_values_are_user_errors():
+            return merge_geometric_median(
+                inputs.tensor_name,
+                torch.Size(inputs.shape),
+                inputs.models,
+                weights=tuple(per_model["weight"]),
+                eps=parameters["eps"],
+                maxiter=parameters["maxiter"],
+                ftol=parameters["ftol"],
+                compute_dtype=compute_dtype,
+                rows_per_chunk=rows,
+                out_dtype=out_dtype,
+                on_bad_input=_bad_input_handler(inputs, parameters["on_nonfinite"]),
+            )
 
 
 def build_methods() -> Tuple[ChunkedMergeMethod, ...]:

@@ -210,9 +210,39 @@ def on_plan_imported() -> None:
         patch_card()
 
 
+def patch_tokenizer_copy() -> None:
+    # run_merge copies a tokenizer from the base model after writing the weights; an SDXL
+    # checkpoint has none, and mergekit logs the failed attempt with a full traceback.
+    merge = sys.modules.get("mergekit.merge")
+    if merge is None:
+        import mergekit.merge as merge
+
+    from mergekit_sdxl.host.checkpoint import is_checkpoint_file
+
+    def copy_tokenizer(original):
+        def wrapper(merge_config, out_path, options=None, **kwargs):
+            donor = merge_config.base_model or next(iter(merge_config.referenced_models()), None)
+            if donor is not None and donor.lora is None and is_checkpoint_file(donor.model.path):
+                LOG.info("%s is an SDXL checkpoint: no tokenizer to copy", donor.model.path)
+                return None
+            return original(merge_config, out_path, options=options, **kwargs)
+
+        return wrapper
+
+    if hasattr(merge, "_copy_tokenizer"):
+        _patch(merge, "_copy_tokenizer", copy_tokenizer)
+
+
+def on_merge_imported() -> None:
+    """Hook target: ``mergekit.merge`` finished importing."""
+    with _LOCK:
+        patch_tokenizer_copy()
+
+
 def register_all() -> None:
     """Everything at once, for Python users and our own CLI. Safe to call repeatedly."""
     with _LOCK:
         on_merge_methods_imported()
         on_plan_imported()
         patch_card()
+        patch_tokenizer_copy()

@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+from mergekit_sdxl.errors import UserError
 from mergekit_sdxl.sdxl.detect import Detection, detect
 from mergekit_sdxl.sdxl.header import CheckpointError, SafetensorsHeader, read_header
 from mergekit_sdxl.sdxl.keys import canonical_name, canonical_shape
@@ -60,7 +61,7 @@ _MAX_KEYS_LISTED = 8
 _COMPUTE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 
 
-class PreflightError(ValueError):
+class PreflightError(UserError, ValueError):
     """Inputs that must not be merged. ``problems`` lists each one (file and key named);
     ``report`` is the :class:`PreflightReport` gathered so far."""
 
@@ -174,8 +175,9 @@ class FileReport:
 def inspect_file(path: PathLike, *, hash: bool = True, scan: bool = False, cache=None, progress: bool = False) -> FileReport:
     """Header facts, size, (cached) sha256 + AutoV2 and optionally a NaN/inf scan of one file.
 
-    Never raises for a bad file: the problem goes to ``FileReport.error`` ("file not found",
-    "truncated: ...", ...).
+    Never raises for a bad file: every :class:`CheckpointError` (read_header refuses any malformed
+    header with one) and :class:`OSError` goes to ``FileReport.error`` ("file not found",
+    "truncated: ...", ...). Anything else is a bug and propagates.
     """
     p = os.fspath(path)
     rep = FileReport(path=p)
@@ -185,7 +187,7 @@ def inspect_file(path: PathLike, *, hash: bool = True, scan: bool = False, cache
         if os.path.isdir(p):
             raise CheckpointError(p, "is a directory, not a .safetensors file")
         rep.size = os.path.getsize(p)
-        rep.header = read_header(p)
+        rep.header = read_header(p)  # raises only CheckpointError
         rep.detection = detect(rep.header)
         if hash:
             from mergekit_sdxl.io.hashing import HashCache, autov2
@@ -196,11 +198,12 @@ def inspect_file(path: PathLike, *, hash: bool = True, scan: bool = False, cache
         if scan:
             rep.scan = scan_nonfinite(p, rep.header)
     except CheckpointError as e:
-        rep.error = e.message + (f" [tensor {e.key!r}]" if e.key else "")
-        rep.detection = None
+        key = e.key if e.key is None or len(e.key) <= 200 else e.key[:200] + "..."  # forged names can be huge
+        rep.error = e.message + (f" [tensor {key!r}]" if key is not None else "")
+        rep.detection = rep.header = None
     except OSError as e:
         rep.error = f"cannot read: {e.strerror or e}"
-        rep.detection = None
+        rep.detection = rep.header = None
     return rep
 
 

@@ -28,12 +28,16 @@ import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mergekit_sdxl.errors import UserError
 from mergekit_sdxl.host.preflight import FAMILY_LABELS, FileReport, canonical_shapes, inspect_file
+from mergekit_sdxl.io.discover import Discovery, discover_safetensors
 from mergekit_sdxl.io.provenance import InputInfo, legacy_hash
+from mergekit_sdxl.sdxl.header import CheckpointError
+from mergekit_sdxl.text import printable
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +101,7 @@ _METHOD_NOTES: Dict[str, str] = {
 }
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe cannot be built (no such directory, unusable base, nothing left to merge)."""
 
 
@@ -134,45 +138,63 @@ class RecipeResult:
     def summary_lines(self) -> List[str]:
         root = Path(self.directory) if self.directory else None
 
-        def rel(p: str) -> str:
+        def rel(p: str) -> str:  # escaped: file names may hold control characters
             try:
-                return Path(p).relative_to(root).as_posix() if root else p
+                return printable(Path(p).relative_to(root).as_posix() if root else p)
             except ValueError:
-                return p
+                return printable(p)
 
         lines = [
-            f"{len(self.kept)} kept, {len(self.excluded)} excluded under {self.directory or '.'}; "
-            f"method {self.method}; base {self.base.path if self.base else '-'} ({self.prediction_type})"
+            f"{len(self.kept)} kept, {len(self.excluded)} excluded under {printable(self.directory or '.')}; "
+            f"method {self.method}; base {printable(self.base.path) if self.base else '-'} ({self.prediction_type})"
         ]
         width = max([len(rel(i.path)) for i in self.kept] + [len(rel(p)) for p, _ in self.excluded] + [4])
         for i in self.kept:
             lines.append(f"  keep     {rel(i.path):<{width}}  autov2 {i.autov2}  sha256 {i.sha256}")
         for p, reason in self.excluded:
-            lines.append(f"  exclude  {rel(p):<{width}}  {reason}")
+            lines.append(f"  exclude  {rel(p):<{width}}  {printable(reason)}")
         return lines
 
 
-def discover_checkpoints(directory: PathLike) -> List[Path]:
-    """Every ``*.safetensors`` file under ``directory`` (recursive, symlinks followed), sorted by
-    relative POSIX path so the order is the same on every machine."""
+def _discover(directory: PathLike) -> Discovery:
+    """:func:`~mergekit_sdxl.io.discover.discover_safetensors`, its problems logged."""
     root = Path(directory)
-    if not root.is_dir():
-        raise RecipeError(f"{root}: not a directory")
-    found: List[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
-        for name in filenames:
-            if name.lower().endswith(".safetensors") and not name.startswith("."):
-                p = Path(dirpath) / name
-                if p.is_file():
-                    found.append(p)
-    found.sort(key=lambda p: p.relative_to(root).as_posix())
+    try:
+        found = discover_safetensors(root)
+    except OSError as e:  # the folder itself: missing, not a folder, not accessible
+        raise RecipeError(f"{printable(root)}: {e.strerror or 'not a directory'}") from None
+    for path, reason in found.problems:
+        logger.warning("%s: %s", printable(path), reason)
     return found
 
 
+def discover_checkpoints(directory: PathLike) -> List[Path]:
+    """Every ``*.safetensors`` file under ``directory`` (recursive, symlinks followed, each real
+    folder and file once), sorted by relative POSIX path so the order is the same on every machine.
+    Unreadable folders and files are logged as warnings (:func:`build_recipe` lists them as
+    excluded). Raises :class:`RecipeError` when ``directory`` is not a directory."""
+    return _discover(directory).files
+
+
+def refuse_writes_over_inputs(
+    writes: Sequence[PathLike], directory: PathLike, base: PathLike, *, own_outputs_allowed: bool
+) -> None:
+    """Before any hashing: no path in ``writes`` may be the base or a checkpoint under
+    ``directory`` (with ``own_outputs_allowed``, an earlier merge output under a written name is
+    not an input: it is left out of the recipe instead)."""
+    from mergekit_sdxl.io.output_guard import check_writes_do_not_clash
+    from mergekit_sdxl.io.provenance import is_merge_output
+
+    check_writes_do_not_clash(writes, [(base, "the base model")])
+    found = _discover(directory).files
+    inputs = [(f, "the checkpoint") for f in found if not (own_outputs_allowed and is_merge_output(f))]
+    check_writes_do_not_clash(writes, inputs)
+
+
 def _yaml_str(s: str) -> str:
-    """A double-quoted YAML scalar (JSON string syntax is valid YAML)."""
-    return json.dumps(s, ensure_ascii=False)
+    """A double-quoted YAML scalar (JSON string syntax is valid YAML). Characters that are not
+    printable (bidi overrides, zero-width marks) are escaped so the YAML reads as it is."""
+    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else c for c in json.dumps(s, ensure_ascii=False))
 
 
 def _yaml_scalar(v: Any) -> str:
@@ -272,8 +294,12 @@ def build_recipe(
     out_dtype: str = "float16",
     cache=None,
     command: Optional[str] = None,
+    skip: Optional[Callable[[Path], Optional[str]]] = None,
 ) -> RecipeResult:
     """Discover, validate and filter the checkpoints under ``directory``; render the config.
+
+    ``skip(path)`` gives a reason to leave a discovered file out before it is read (the
+    command's own outputs, see :class:`~mergekit_sdxl.io.output_guard.OwnOutputs`).
 
     Raises :class:`RecipeError` when the directory does not exist, the base is unusable (unreadable,
     not SDXL base-family, missing keys) or no model is left. ``cache`` is a
@@ -289,7 +315,8 @@ def build_recipe(
 
         cache = HashCache()
     root = Path(directory).resolve()
-    files = discover_checkpoints(root)
+    found = _discover(root)
+    files = found.files
     base_path = Path(base).resolve()
 
     base_rep = inspect_file(base_path, hash=True, scan=scan, cache=cache)
@@ -316,34 +343,39 @@ def build_recipe(
     reports: Dict[str, FileReport] = {str(base_path): base_rep}
     seen: Dict[str, str] = {base_info.sha256: f"the base model {base_path.name}"}
 
-    for path in files:
-        p = str(path)
-        rel = path.relative_to(root).as_posix()
-        if os.path.exists(p) and os.path.samefile(p, base_path):
-            excluded.append((p, "is the base model (already base_model)"))
+    # Folders and files discovery could not read are excluded rows too (never silently dropped),
+    # in path order among the files.
+    problems = {str(path): problem for path, problem in found.problems}
+    order = sorted([(_rel(path, root), str(path)) for path in files] + [(_rel(Path(p), root), p) for p in problems])
+    for rel, p in order:
+        if p in problems:
+            excluded.append((p, f"unreadable: {problems[p]}"))
             continue
-        rep = inspect_file(p, hash=False, scan=False, cache=cache)
-        reports[p] = rep
-        reason = _exclusion_reason(rep, base_shapes, base_pred, allow_vpred_mix, base_path)
-        if reason is None:
-            rep_h = inspect_file(p, hash=True, scan=scan, cache=cache)
-            reports[p] = rep = rep_h
-            if not rep.ok:
-                reason = f"unreadable: {rep.error}"
-            elif rep.sha256 in seen:
-                reason = f"duplicate of {seen[rep.sha256]} (same sha256 {rep.autov2})"
-            else:
-                reason = _nonfinite_reason(rep)
+        own = skip(Path(p)) if skip is not None else None
+        if own is not None:
+            excluded.append((p, own))
+            continue
+        # A bad file is an excluded row with its reason, whatever is wrong with it: inspect_file
+        # turns CheckpointError/OSError into rep.error; what is left here is plain file access.
+        try:
+            reason, rep = _file_verdict(p, cache, scan, seen, base_shapes, base_pred, allow_vpred_mix, base_path)
+        except CheckpointError as e:
+            reason, rep = f"unreadable: {e.message}", None
+        except OSError as e:
+            reason, rep = f"unreadable: {e.strerror or e}", None
+        if rep is not None:
+            reports[p] = rep
         if reason is not None:
-            logger.info("excluding %s: %s", rel, reason)
+            logger.info("excluding %s: %s", printable(rel), reason)
             excluded.append((p, reason))
             continue
+        assert rep is not None
         assert rep.sha256 is not None
         seen[rep.sha256] = rel
         if rep.detection is not None and rep.detection.extra:
-            logger.warning("%s: %d keys outside the SDXL manifest will be ignored by the merge", rel, len(rep.detection.extra))
+            logger.warning("%s: %d keys outside the SDXL manifest will be ignored by the merge", printable(rel), len(rep.detection.extra))
         if rep.detection is not None and rep.detection.prediction_type != base_pred:
-            logger.warning("%s: %s model kept beside a %s base (allow_vpred_mix)", rel, rep.detection.prediction_type, base_pred)
+            logger.warning("%s: %s model kept beside a %s base (allow_vpred_mix)", printable(rel), rep.detection.prediction_type, base_pred)
         kept.append(_info(rep, "model"))
 
     if not kept:
@@ -372,6 +404,43 @@ def build_recipe(
         kept=kept, excluded=excluded, yaml_text=text, base=base_info, method=method_s,
         prediction_type=base_pred, directory=str(root), reports=reports,
     )
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def _file_verdict(
+    p: str,
+    cache: Any,
+    scan: bool,
+    seen: Dict[str, str],
+    base_shapes: Dict[str, Tuple[int, ...]],
+    base_pred: str,
+    allow_vpred_mix: bool,
+    base_path: Path,
+) -> Tuple[Optional[str], Optional[FileReport]]:
+    """(reason to exclude or None, the file's report) for one discovered file."""
+    try:
+        p.encode("utf-8")
+    except UnicodeEncodeError:  # an undecodable file name (surrogate escapes) cannot go into the YAML
+        return "file name is not valid UTF-8 (rename it to use it in a config)", None
+    if os.path.exists(p) and os.path.samefile(p, base_path):
+        return "is the base model (already base_model)", None
+    rep = inspect_file(p, hash=False, scan=False, cache=cache)
+    reason = _exclusion_reason(rep, base_shapes, base_pred, allow_vpred_mix, base_path)
+    if reason is None:
+        rep = inspect_file(p, hash=True, scan=scan, cache=cache)
+        if not rep.ok:
+            reason = f"unreadable: {rep.error}"
+        elif rep.sha256 in seen:
+            reason = f"duplicate of {seen[rep.sha256]} (same sha256 {rep.autov2})"
+        else:
+            reason = _nonfinite_reason(rep)
+    return reason, rep
 
 
 def _exclusion_reason(

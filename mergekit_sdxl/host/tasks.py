@@ -12,6 +12,7 @@ from mergekit.io.tasks import GatherTensors, LoaderCache
 from mergekit.merge_methods.base import ParameterScope, PerInputValues, TensorEntry, TensorGroup, TensorMetadata
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 
+from mergekit_sdxl.errors import InputDataError
 from mergekit_sdxl.kernels.tgmd import rows_cols
 from mergekit_sdxl.sdxl import keys as sdxl_keys
 
@@ -133,7 +134,7 @@ class ChunkedMergeTask(Task[Optional[torch.Tensor]]):
             uses_base = method.spec.contract.base.value != "ignored"
             others = [m for m in present if not (uses_base and m == base_model)]
             if uses_base and readers.get(base_model) is None:
-                raise RuntimeError(f"Base model {base_model} lacks key {name}")
+                raise InputDataError(f"the base model {base_model} lacks key {name}")
             inputs = ReaderInputs(
                 tensor_name=name,
                 shape=tuple(self.shape),
@@ -203,7 +204,7 @@ class OutputTensor(Task[Optional[torch.Tensor]]):
         if self.dtype and tensor.is_floating_point():
             tensor = tensor.to(dtype_from_name(self.dtype))
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ValueError(
+            raise InputDataError(
                 f"key {self.name}: merged values are NaN/inf or outside the range of {tensor.dtype}; "
                 "nothing was clamped. Check the inputs with `mergekit-sdxl inspect --scan`."
             )

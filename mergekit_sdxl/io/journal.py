@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+from mergekit_sdxl.errors import UsageError
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 JOURNAL_VERSION = 1
@@ -24,7 +26,7 @@ class JournalError(Exception):
     """The journal is missing fields, malformed or from another format version."""
 
 
-class ResumeMismatch(Exception):
+class ResumeMismatch(UsageError):
     """A partial output exists but was produced by a different configuration or layout."""
 
 

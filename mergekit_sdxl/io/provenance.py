@@ -115,6 +115,44 @@ def input_info(path: PathLike, *, role: str = "", cache=None) -> InputInfo:
     )
 
 
+def public_names(paths: Sequence[str]) -> Dict[str, str]:
+    """Each input path -> the shortest trailing part of it that is unique among ``paths``
+    (usually the file name): what a published recipe shows instead of the user's folders."""
+    parts = {p: Path(p).parts for p in paths}
+    names: Dict[str, str] = {}
+    for p, split in parts.items():
+        for depth in range(1, len(split) + 1):
+            tail = split[-depth:]
+            if sum(1 for other in parts.values() if other[-depth:] == tail) == 1 or depth == len(split):
+                names[p] = Path(*tail).as_posix()
+                break
+    return names
+
+
+def publishable_recipe(recipe_yaml: str, input_paths: Sequence[str]) -> str:
+    """The recipe with every input path replaced by its public name (see :func:`public_names`).
+
+    Re-rendered from the parsed YAML (comments, which may hold the user's paths, are dropped;
+    the sha256 of every input is in the inputs record beside it).
+    """
+    import yaml
+
+    names = public_names(list(dict.fromkeys(input_paths)))
+
+    def rename(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: (names.get(v, v) if k == "path" and isinstance(v, str) else rename(v)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [rename(v) for v in node]
+        if isinstance(node, str) and node in names:
+            return names[node]
+        return node
+
+    doc = rename(yaml.safe_load(recipe_yaml))
+    body = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, default_flow_style=None, width=120)
+    return "# inputs named by file name; each one's sha256 is in mergekit_sdxl.inputs\n" + body
+
+
 def _legacy(info: InputInfo) -> str:
     if info.legacy_hash:
         return info.legacy_hash
@@ -318,7 +356,7 @@ def render_model_card(
         "",
         "## How to reproduce",
         "",
-        "Put the input files (same sha256) at the paths the config names, then:",
+        "Save the config below as `" + cfg + "`, put the input files (same sha256) at the paths it names, then:",
         "",
         "```sh",
         f"pip install 'mergekit-sdxl=={metadata.get(META_VERSION, '')}' 'mergekit=={metadata.get(META_MERGEKIT_VERSION, '')}'",
@@ -350,16 +388,19 @@ def write_sidecars(
     command: Optional[str] = None,
     config_name: Optional[str] = None,
     extra: Optional[Mapping[str, Any]] = None,
+    size: Optional[int] = None,
 ) -> Tuple[Path, Path]:
     """Write ``OUT.safetensors.json`` (metadata + output hashes + inputs) and ``OUT.md`` (model card).
 
-    Returns both paths. Each file is written to a temporary name and renamed.
+    Returns both paths. Each file is written to a fresh temporary name and renamed. ``size``:
+    the output's size when the output is not yet under its name.
     """
     out = Path(out_path)
     if autov2 is None:
         autov2 = result_sha256[:10]
     json_path, md_path = sidecar_paths(out)
-    size = out.stat().st_size if out.exists() else None
+    if size is None:
+        size = out.stat().st_size if out.exists() else None
     doc: Dict[str, Any] = {
         "file": out.name,
         "size": size,
@@ -378,9 +419,19 @@ def write_sidecars(
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from mergekit_sdxl.io.safe_write import atomic_write_text
+
+    atomic_write_text(path, text)
+
+
+def is_merge_output(path: PathLike) -> bool:
+    """True when ``path`` is a safetensors file whose metadata says mergekit-sdxl merged it."""
+    from mergekit_sdxl.sdxl.header import CheckpointError, read_header
+
+    try:
+        return META_RECIPE in read_header(path).metadata
+    except CheckpointError:
+        return False
 
 
 def read_provenance(metadata: Mapping[str, str]) -> Optional[Dict[str, Any]]:
@@ -400,7 +451,7 @@ def read_provenance(metadata: Mapping[str, str]) -> Optional[Dict[str, Any]]:
             return None
         try:
             return json.loads(s)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):  # a hostile file's deeply nested JSON
             return s
 
     modelspec = {k[len("modelspec."):]: v for k, v in metadata.items() if k.startswith("modelspec.")}

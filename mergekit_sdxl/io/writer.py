@@ -20,10 +20,11 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Type, Union
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
 import torch
 
+from mergekit_sdxl.errors import OutputError
 from mergekit_sdxl.io.hashing import autov2
 from mergekit_sdxl.io.journal import (
     JournalError,
@@ -35,6 +36,8 @@ from mergekit_sdxl.io.journal import (
     remove_quietly,
     write_journal,
 )
+from mergekit_sdxl.io.safe_write import create_exclusive, describe_os_error, open_existing_nofollow
+from mergekit_sdxl.io.signals import signals_deferred
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +51,8 @@ __all__ = [
     "TensorEntrySpec",
     "WriteResult",
     "build_header",
+    "journal_path_for",
+    "temp_path_for",
 ]
 
 _MiB = 1024 * 1024
@@ -100,6 +105,18 @@ class WriteResult(NamedTuple):
     sha256: str
     autov2: str
     size: int
+
+
+def temp_path_for(out_path: PathLike) -> Path:
+    """Where the data of ``out_path`` is written until it is complete: ``OUT.partial``."""
+    out = Path(out_path)
+    return out.with_name(out.name + ".partial")
+
+
+def journal_path_for(temp_path: PathLike) -> Path:
+    """The resume journal beside a temp file: ``OUT.partial.journal``."""
+    temp = Path(temp_path)
+    return temp.with_name(temp.name + ".journal")
 
 
 def _nbytes(spec: TensorEntrySpec) -> int:
@@ -259,10 +276,10 @@ class StreamingCheckpointWriter:
             # safetensors is little-endian; byte-swapping every dtype is not worth supporting.
             raise NotImplementedError("StreamingCheckpointWriter requires a little-endian host")
         self.out_path = Path(out_path)
-        self.temp_path = Path(temp_path) if temp_path is not None else self.out_path.with_name(self.out_path.name + ".partial")
+        self.temp_path = Path(temp_path) if temp_path is not None else temp_path_for(self.out_path)
         if self.temp_path.resolve() == self.out_path.resolve():
             raise ValueError("temp_path must differ from out_path")
-        self.journal_path: Optional[Path] = self.temp_path.with_name(self.temp_path.name + ".journal") if journal else None
+        self.journal_path: Optional[Path] = journal_path_for(self.temp_path) if journal else None
         self.fingerprint = fingerprint
         self._entries = _normalize(entries)
         self._metadata = dict(metadata or {})
@@ -290,10 +307,12 @@ class StreamingCheckpointWriter:
             remove_quietly(self.journal_path)
             fsync_dir(self.journal_path.parent)
             self._remove_stale_journal_temps()
-        # Unbuffered: a writer that is dropped without close (or kept alive by a traceback)
-        # must hold no pending bytes that a late finalizer could flush over a resumed file.
-        self._fh = open(self.temp_path, "wb", buffering=0)
-        _write_all(self._fh, memoryview(self._header))
+        # Unlinking a planted symlink removes the link only; the exclusive create then
+        # guarantees the bytes go to a new file of ours. Unbuffered: a writer dropped without
+        # close must hold no pending bytes that a late finalizer could flush over a resumed file.
+        remove_quietly(self.temp_path)
+        self._fh = create_exclusive(self.temp_path)
+        self._write_or_fail(memoryview(self._header))
         self._hasher = hashlib.sha256(self._header)
         self._index = 0
         self._offset = len(self._header)
@@ -335,6 +354,9 @@ class StreamingCheckpointWriter:
                 f" ({self.out_path} exists and may be complete)" if self.out_path.exists() else "",
             )
             return False
+        if self.temp_path.is_symlink() or not self.temp_path.is_file():
+            logger.warning("%s is not a regular file; starting %s from scratch", self.temp_path, self.out_path)
+            return False
         old_header = self._read_temp_header()
         if old_header != self._header:
             raise ResumeMismatch(
@@ -355,7 +377,7 @@ class StreamingCheckpointWriter:
             logger.warning("%s does not match its journal (prefix sha256 differs); starting from scratch", self.temp_path)
             return False
         # Bytes past the journal's offset may be a torn tensor or unsynced data: drop them.
-        fh = open(self.temp_path, "r+b", buffering=0)
+        fh = open_existing_nofollow(self.temp_path)
         try:
             fh.truncate(state.offset)
             fh.seek(state.offset)
@@ -368,11 +390,11 @@ class StreamingCheckpointWriter:
         self._index = self._resumed_from = state.completed
         self._offset = self._last_ckpt_offset = state.offset
         logger.warning(
-            "resuming %s: %d/%d tensors (%.1f MiB) already written",
-            self.out_path,
+            "resuming: %d of %d tensors done (%.1f MiB of %s already written)",
             state.completed,
             len(self._entries),
             state.offset / _MiB,
+            self.out_path,
         )
         return True
 
@@ -423,6 +445,11 @@ class StreamingCheckpointWriter:
         return [e.name for e in self._entries[self._index :]]
 
     @property
+    def bytes_remaining(self) -> int:
+        """Bytes still to be written to the temp file."""
+        return self._total_size - self._offset
+
+    @property
     def resumed_from(self) -> int:
         """How many entries were already on disk when this writer opened (0 for a fresh write)."""
         return self._resumed_from
@@ -443,12 +470,7 @@ class StreamingCheckpointWriter:
         if tuple(tensor.shape) != spec.shape:
             raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not match the declared {spec.shape}")
         data = _tensor_bytes(tensor)
-        try:
-            _write_all(self._fh, data)
-        except BaseException:
-            # Part of the tensor may be on disk; only abort (which keeps the journaled prefix) is safe.
-            self._failed = True
-            raise
+        self._write_or_fail(data)
         self._hasher.update(data)
         del data  # drop the view (and with it the tensor) before any slow checkpoint I/O
         self._index += 1
@@ -458,6 +480,16 @@ class StreamingCheckpointWriter:
             or time.monotonic() - self._last_ckpt_time >= self._journal_every_s
         ):
             self.checkpoint()
+
+    def _write_or_fail(self, data: memoryview) -> None:
+        try:
+            _write_all(self._fh, data)
+        except BaseException as error:
+            # Part of the data may be on disk; only abort (which keeps the journaled prefix) is safe.
+            self._failed = True
+            if isinstance(error, OSError):
+                raise OutputError(describe_os_error(error, self.temp_path) + "; the partial output is kept for resuming") from error
+            raise
 
     def checkpoint(self) -> None:
         """Make the completed entries durable and record them in the journal (no-op without one)."""
@@ -480,8 +512,13 @@ class StreamingCheckpointWriter:
         self._last_ckpt_offset = self._offset
         self._last_ckpt_time = time.monotonic()
 
-    def close(self) -> WriteResult:
-        """Finish: fsync, verify the temp file, rename it onto ``out_path``, drop the journal."""
+    def close(self, before_publish: Optional[Callable[[WriteResult], None]] = None) -> WriteResult:
+        """Finish: fsync, verify the temp file and its bytes on disk, rename it onto ``out_path``,
+        drop the journal.
+
+        ``before_publish`` is called with the verified result just before the rename (sidecars
+        are written there, so that the output never appears without them).
+        """
         if self._closed:
             if self.result is None:
                 raise RuntimeError(f"writer for {self.out_path} was aborted")
@@ -500,16 +537,22 @@ class StreamingCheckpointWriter:
             self._fh.close()
             self._fh = None
             self._verify()
-            digest = self._hasher.hexdigest()
-            os.replace(self.temp_path, self.out_path)
-            fsync_dir(self.out_path.parent)
-        except BaseException:
+            digest = self._verified_digest()
+            result = WriteResult(self.out_path, digest, autov2(digest), self._total_size)
+            with signals_deferred():
+                if before_publish is not None:
+                    before_publish(result)
+                os.replace(self.temp_path, self.out_path)
+                fsync_dir(self.out_path.parent)
+                if self.journal_path is not None:
+                    remove_quietly(self.journal_path)
+                self._closed = True
+        except BaseException as error:
             self.abort()
+            if isinstance(error, OSError) and not isinstance(error, OutputError):
+                raise OutputError(describe_os_error(error, self.out_path)) from error
             raise
-        if self.journal_path is not None:
-            remove_quietly(self.journal_path)
-        self._closed = True
-        self.result = WriteResult(self.out_path, digest, autov2(digest), self._total_size)
+        self.result = result
         logger.info("wrote %s (%d bytes, sha256 %s)", self.out_path, self._total_size, digest)
         return self.result
 
@@ -541,6 +584,21 @@ class StreamingCheckpointWriter:
         remove_quietly(self.temp_path)
         if self.journal_path is not None:
             remove_quietly(self.journal_path)
+
+    def _verified_digest(self) -> str:
+        """The sha256 of the temp file's bytes as read back from disk; it must equal the hash of
+        the bytes written (a printed hash is the hash of the file, never of our intentions)."""
+        try:
+            on_disk = _hash_prefix(self.temp_path, self._total_size).hexdigest()
+        except (OSError, EOFError) as error:
+            raise OutputError(f"{self.temp_path}: cannot read the written file back ({error})") from error
+        written = self._hasher.hexdigest()
+        if on_disk != written:
+            raise OutputError(
+                f"{self.temp_path}: the bytes on disk differ from the bytes written (sha256 {on_disk} != {written}); "
+                "another program changed the file, or the disk is failing"
+            )
+        return on_disk
 
     def _verify(self) -> None:
         """Check the temp file parses as safetensors with exactly the declared entries."""

@@ -107,6 +107,11 @@ def warn_bad_input(model_index: int, message: str) -> None:
     warnings.warn(f"{message}; left out of this tensor", RuntimeWarning, stacklevel=3)
 
 
+class InputValuesError(ValueError):
+    """The input values themselves cannot be merged (a missing or non-finite base, no usable
+    model, a result outside the save dtype); not a programming error."""
+
+
 class _BadInput(Exception):
     def __init__(self, index: int, message: str) -> None:
         super().__init__(message)
@@ -197,9 +202,9 @@ class _Context:
     def base(self, reader: RowReader, r0: int, r1: int) -> torch.Tensor:
         b = self.read(reader, r0, r1, "base")
         if b is None:
-            raise ValueError(f"{self.name}: the base model lacks this tensor")
+            raise InputValuesError(f"{self.name}: the base model lacks this tensor")
         if not _finite(b):
-            raise ValueError(f"{self.name}: the base model has non-finite values (rows {r0}:{r1})")
+            raise InputValuesError(f"{self.name}: the base model has non-finite values (rows {r0}:{r1})")
         return b
 
     def writer(self, out_dtype: torch.dtype) -> "_Output":
@@ -215,7 +220,7 @@ class _Output:
         cast = values.to(self.flat.dtype)
         # Checked after the cast too: overflow of the save dtype is an error, never a clamp.
         if not _finite(values) or not _finite(cast):
-            raise ValueError(
+            raise InputValuesError(
                 f"{self.ctx.name}: merged values are not finite in {self.flat.dtype} "
                 f"(elements {start}:{start + values.numel()})"
             )
@@ -461,7 +466,7 @@ def merge_geometric_median(
     while True:
         active = [i for i in range(n) if i not in excluded]
         if not active:
-            raise ValueError(f"{tensor_name}: no model has usable values for the geometric median")
+            raise InputValuesError(f"{tensor_name}: no model has usable values for the geometric median")
         try:
             return _geomedian_once(ctx, models, w_all, active, eps, maxiter, ftol, out_dtype)
         except _Absent as absent:
