@@ -104,7 +104,7 @@ def run_command(
     """Recipe + merge in one command: discover, validate, write the recipe, merge."""
     from mergekit.options import MergeOptions
 
-    from mergekit_sdxl.cli.merge_cmd import published_command, report_result
+    from mergekit_sdxl.cli.merge_cmd import check_memory_budget, published_command, report_result
     from mergekit_sdxl.host.driver import run_sdxl_merge
     from mergekit_sdxl.host.recipe import build_recipe, refuse_writes_over_inputs
     from mergekit_sdxl.io.output_guard import (
@@ -116,6 +116,7 @@ def run_command(
     )
     from mergekit_sdxl.io.safe_write import atomic_write_text
 
+    check_memory_budget(memory_budget)
     check_output_target(out_path, suffix=".safetensors")
     config_path = config_out or out_path.with_suffix(".yaml")
     check_config_target(config_path)

@@ -18,6 +18,43 @@ from mergekit.options import MergeOptions, add_merge_options
 LOG = logging.getLogger(__name__)
 
 
+def check_memory_budget(value: Optional[str]) -> None:
+    """``--memory-budget`` must be a size (refused before any work)."""
+    from mergekit_sdxl.errors import UsageError
+    from mergekit_sdxl.host.options import parse_bytes
+
+    if value is not None:
+        try:
+            parse_bytes(value)
+        except ValueError as error:
+            raise UsageError(f"--memory-budget {value}: {error}") from error
+
+
+def _budget(value: Optional[str]) -> Optional[str]:
+    from mergekit_sdxl.errors import UsageError
+
+    try:
+        check_memory_budget(value)
+    except UsageError as error:
+        raise click.BadParameter(str(error)) from error
+    return value
+
+
+def check_device_options(options: MergeOptions) -> None:
+    """Device and thread options mergekit would only trip over in the middle of a merge."""
+    import torch
+
+    from mergekit_sdxl.errors import UsageError
+
+    if options.num_threads is not None and options.num_threads < 1:
+        raise UsageError(f"--num-threads {options.num_threads}: give at least 1 thread")
+    device = str(options.device or "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--cuda / --device {device}: this torch has no usable CUDA device (torch {torch.__version__})")
+    if device not in ("cpu",) and not device.startswith(("cuda", "xpu", "mps")):
+        raise UsageError(f"--device {device}: unknown device (cpu, cuda, cuda:N)")
+
+
 def published_command(argv: Sequence[str], *, keep_paths: bool) -> str:
     """The command that was run, as the model card shows it: ``mergekit-sdxl SUBCOMMAND ARGS``,
     with paths shortened to their file names unless ``keep_paths`` (they are the user's)."""
@@ -40,8 +77,8 @@ def report_result(result, echo=click.echo) -> None:
 @click.command("merge")
 @click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
 @click.argument("out_path", type=click.Path())
-@click.option("--memory-budget", default=None, help="Working memory bound, e.g. 4GB, 512MB (default: half the free RAM, at most 8 GiB).")
-@click.option("--threads", type=int, default=None, help="Torch threads for the math inside one tensor.")
+@click.option("--memory-budget", default=None, callback=lambda ctx, param, value: _budget(value), help="Working memory bound, e.g. 4GB, 512MB (default: half the free RAM, at most 8 GiB).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads for the math inside one tensor.")
 @click.option("--vae", "vae_source", default=None, help="VAE source: base (default), merge, or a checkpoint path.")
 @click.option("--allow-vpred-mix", is_flag=True, default=None, help="Allow merging v-prediction and epsilon models.")
 @click.option("--scan", is_flag=True, default=False, help="Preflight also reads every value (NaN/inf check).")
@@ -69,6 +106,7 @@ def merge_command(
 
     if threads is not None:
         merge_options = merge_options.model_copy(update={"num_threads": threads})
+    check_device_options(merge_options)
     merge_options.apply_global_options()
     if merge_options.verbosity == 0:
         logging.getLogger("mergekit_sdxl").setLevel(logging.WARNING)

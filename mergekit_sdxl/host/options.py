@@ -16,15 +16,25 @@ _UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "M": 1024**2, "MB": 1024**2, "G"
 _KIB = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
 
 
+MIN_BUDGET = 16 * 1024**2
+
+
 def parse_bytes(value: Union[str, int]) -> int:
-    """``"4GB"``, ``"512MiB"``, ``"64M"`` or an int -> bytes (binary units)."""
+    """``"4GB"``, ``"512MiB"``, ``"64M"`` or an int -> bytes (binary units), at least 16 MiB."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")
     if isinstance(value, int):
+        if not MIN_BUDGET <= value < 2**63:
+            raise ValueError(f"{value!r}: a memory budget must be at least 16MB")
         return value
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
     unit = match.group(2).upper() if match else None
     if not match or (unit not in _UNITS and unit not in _KIB):
         raise ValueError(f"not a size: {value!r} (use e.g. 4GB, 512MB, 64MiB)")
-    return int(float(match.group(1)) * (_UNITS.get(unit) or _KIB[unit]))
+    size = float(match.group(1)) * (_UNITS.get(unit) or _KIB[unit])
+    if not MIN_BUDGET <= size < 2**63:
+        raise ValueError(f"{value!r}: a memory budget must be at least 16MB")
+    return int(size)
 
 
 def default_memory_budget() -> int:

@@ -373,7 +373,10 @@ def preflight(
         else:
             problems.append(msg + "; pass --allow-vpred-mix (sdxl: {allow_vpred_mix: true}) if this is intended")
 
-    # 3. keys and shapes
+    # 3. keys, shapes and dtypes
+    from mergekit_sdxl.io.writer import TORCH_DTYPES
+
+    readable = set(TORCH_DTYPES)
     ref_shapes = canonical_shapes(headers[ref]) if ref in headers else {}
     largest = ("", 0)
     for p, det in report.detections.items():
@@ -401,6 +404,8 @@ def preflight(
                     problems.append(f"{p}: key {key} has shape {list(shape)} but {ref} has {list(rs)}")
         for name, info in headers[p].tensors.items():
             if canonical_name(name) is not None:
+                if info.dtype not in readable:
+                    problems.append(f"{p}: key {name} has dtype {info.dtype}, which the merge cannot read")
                 report.bytes_to_read += info.nbytes
                 if info.numel > largest[1]:
                     largest = (name, info.numel)
