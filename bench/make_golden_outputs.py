@@ -180,7 +180,7 @@ SAMPLE_KEYS = [
     "model.diffusion_model.input_blocks.1.0.in_layers.2.weight",
     "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight",
     "model.diffusion_model.middle_block.1.proj_in.weight",
-    "model.diffusion_model.output_blocks.2.1.conv.weight",
+    "model.diffusion_model.output_blocks.2.2.conv.weight",
     "model.diffusion_model.output_blocks.8.0.out_layers.3.weight",
     "model.diffusion_model.out.2.weight",
     "first_stage_model.decoder.conv_out.weight",
@@ -207,28 +207,32 @@ def tensor_records(path: Path):
 
 
 def digest_file(path: Path, sample: Sequence[str] = ()) -> dict:
-    """sha256 over (name, dtype, shape, bytes) in sorted name order; per key one check byte (hex,
-    the first byte of that key's own sha256, for naming a differing key); full sha256 of the
-    ``sample`` keys."""
+    """The digests of one file's tensors (metadata excluded).
+
+    ``sha256``: over every tensor in sorted name order, each as u64le len(H), H, u64le len(B), B
+    with H = json.dumps([name, dtype, shape]) (the safetensors dtype, e.g. "F16") and B its raw
+    bytes. ``checks``: per tensor in sorted name order, the first byte (2 hex digits) of
+    sha256(H + B), to name the first differing tensor. ``sample``: "DTYPE[shape]:sha256(B)" of
+    each ``sample`` key, in that order.
+    """
     total = hashlib.sha256()
     checks: List[str] = []
-    samples: Dict[str, dict] = {}
     names: List[str] = []
+    found: Dict[str, str] = {}
     for name, dtype, shape, raw in tensor_records(path):
         head = json.dumps([name, dtype, shape]).encode("utf-8")
         total.update(struct.pack("<Q", len(head)) + head + struct.pack("<Q", len(raw)))
         total.update(raw)
-        own = hashlib.sha256(head + raw).hexdigest()
-        checks.append(own[:2])
+        checks.append(hashlib.sha256(head + raw).hexdigest()[:2])
         names.append(name)
         if name in sample:
-            samples[name] = {"dtype": dtype, "shape": shape, "sha256": hashlib.sha256(raw).hexdigest()}
+            found[name] = f"{dtype}[{','.join(map(str, shape))}]:{hashlib.sha256(raw).hexdigest()}"
     return {
         "sha256": total.hexdigest(),
         "tensors": len(names),
         "names_sha256": hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest(),
         "checks": "".join(checks),
-        "sample": samples,
+        "sample": [found.get(name, "absent") for name in sample],
     }
 
 
@@ -331,6 +335,7 @@ def produce(work: Path, only: Optional[Sequence[str]] = None) -> dict:
     import mergekit_sdxl
 
     os.environ.setdefault("MERGEKIT_SDXL_CACHE_DIR", str(work / "hash-cache"))
+    os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars only
     inputs = work / "inputs"
     started = time.monotonic()
     paths = write_inputs(inputs)
@@ -340,8 +345,8 @@ def produce(work: Path, only: Optional[Sequence[str]] = None) -> dict:
         "chunked_keys": {},
         "seconds": {"inputs": round(time.monotonic() - started, 1)},
     }
-    for key in result["inputs"].values():
-        del key["sample"]
+    for entry in result["inputs"].values():
+        del entry["sample"], entry["checks"]
     probe = _chunk_probe()
     for name, spec in MERGES.items():
         if only and name not in only:
@@ -411,9 +416,10 @@ def main() -> None:
             "versions": {"torch": torch.__version__, "mergekit": version("mergekit"), "safetensors": version("safetensors")},
             "python": sys.version.split()[0],
             "digest": (
-                "sha256 over the tensors in sorted name order; per tensor: u64le len(H), H, u64le len(B), B, "
-                "H = json.dumps([name, dtype, shape]) (safetensors header dtype, e.g. 'F16'), B = raw bytes; "
-                "checks: per tensor (sorted order) the first byte, hex, of sha256(H + B); sample: sha256(B)"
+                "sha256: over the tensors in sorted name order, each as u64le len(H), H, u64le len(B), B; "
+                "H = json.dumps([name, dtype, shape]) (safetensors dtype, e.g. 'F16'), B = raw bytes; "
+                "checks: per tensor in sorted name order the first byte (hex) of sha256(H + B); "
+                "sample: 'DTYPE[shape]:sha256(B)' of each sample_keys entry"
             ),
             "seconds": result["seconds"],
         },
@@ -433,12 +439,13 @@ def main() -> None:
             for name, spec in MERGES.items()
         },
         "placeholder": DIR,
+        "sample_keys": SAMPLE_KEYS,
         "chunked_keys": result["chunked_keys"],
         "inputs": result["inputs"],
         "merges": result["merges"],
     }
     out = args.out or Path(__file__).resolve().parents[1] / "tests" / "data" / f"golden_tensors_{args.commit}.json"
-    out.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    out.write_text(json.dumps(document, indent=1, sort_keys=False) + "\n", encoding="utf-8")
     print(f"wrote {out} ({out.stat().st_size} bytes)")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mergekit_sdxl.host.recipe import METHOD_PARAMETERS
+from mergekit_sdxl.workflow.recipe import METHOD_PARAMETERS
 from mergekit_sdxl.sdxl.tiny import write_synthetic_sdxl
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

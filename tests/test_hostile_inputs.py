@@ -14,7 +14,7 @@ import typer
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from mergekit_sdxl.host.recipe import build_recipe
+from mergekit_sdxl.workflow.recipe import build_recipe
 from mergekit_sdxl.sdxl.tiny import write_synthetic_sdxl
 
 W = 1 / 64

@@ -1,4 +1,4 @@
-"""Preflight validation of merge inputs (host/preflight.py)."""
+"""Preflight validation of merge inputs (workflow/preflight.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergekit_sdxl.host.preflight import PreflightError, inspect_file, preflight, scan_nonfinite
+from mergekit_sdxl.workflow.preflight import PreflightError, inspect_file, preflight, scan_nonfinite
 from mergekit_sdxl.sdxl.header import read_header
 from mergekit_sdxl.sdxl.tiny import write_synthetic_sdxl
 

@@ -1,4 +1,4 @@
-"""Discover + filter + write a mergekit config (host/recipe.py) and the inspect/recipe commands."""
+"""Discover + filter + write a mergekit config (workflow/recipe.py) and the inspect/recipe commands."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from mergekit_sdxl.host.recipe import METHOD_PARAMETERS, RecipeError, build_recipe, discover_checkpoints
+from mergekit_sdxl.workflow.recipe import METHOD_PARAMETERS, RecipeError, build_recipe, discover_checkpoints
 from mergekit_sdxl.sdxl.tiny import write_synthetic_sdxl
 
 W = 1 / 64
@@ -284,7 +284,7 @@ def test_inspect_shows_merge_provenance(folder, cache, tmp_path):
 def test_config_inputs_order_and_roles(folder, cache):
     from mergekit.config import MergeConfiguration
 
-    from mergekit_sdxl.host.recipe import config_input_infos, config_inputs
+    from mergekit_sdxl.workflow.recipe import config_input_infos, config_inputs
 
     res = build_recipe(folder["models"], folder["base"], "tgmd", scan=True, cache=cache)
     cfg = MergeConfiguration.model_validate(yaml.safe_load(res.yaml_text))

@@ -298,7 +298,7 @@ def test_vae_source_file_must_exist(files):
 
 
 def _recipe(files: Path, names=("a.safetensors", "ponyXL.safetensors")) -> str:
-    from mergekit_sdxl.host.recipe import METHOD_PARAMETERS, render_recipe_yaml
+    from mergekit_sdxl.workflow.recipe import METHOD_PARAMETERS, render_recipe_yaml
     from mergekit_sdxl.io.hashing import autov2
     from mergekit_sdxl.io.provenance import InputInfo
 
@@ -322,7 +322,7 @@ def test_recipe_pins_round_trip(files):
 
 
 def test_built_recipe_round_trips(tmp_path, monkeypatch):
-    from mergekit_sdxl.host.recipe import build_recipe
+    from mergekit_sdxl.workflow.recipe import build_recipe
     from mergekit_sdxl.io.hashing import HashCache
     from mergekit_sdxl.sdxl.tiny import write_synthetic_sdxl
 

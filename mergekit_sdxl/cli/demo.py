@@ -57,7 +57,7 @@ def run_demo(outdir: Path, n_models: int = 4, method: str = "tgmd") -> None:
 
     from mergekit_sdxl.cli.merge_cmd import report_result
     from mergekit_sdxl.host.driver import run_sdxl_merge
-    from mergekit_sdxl.host.recipe import build_recipe
+    from mergekit_sdxl.workflow.recipe import build_recipe
 
     outdir = Path(outdir)
     models_dir = outdir / "models"

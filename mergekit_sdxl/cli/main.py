@@ -106,7 +106,7 @@ def run_command(
 
     from mergekit_sdxl.cli.merge_cmd import check_memory_budget, published_command, report_result
     from mergekit_sdxl.host.driver import run_sdxl_merge
-    from mergekit_sdxl.host.recipe import build_recipe, refuse_writes_over_inputs
+    from mergekit_sdxl.workflow.recipe import build_recipe, refuse_writes_over_inputs
     from mergekit_sdxl.io.output_guard import (
         OwnOutputs,
         check_config_target,

@@ -21,7 +21,7 @@ LOG = logging.getLogger(__name__)
 def check_memory_budget(value: Optional[str]) -> None:
     """``--memory-budget`` must be a size (refused before any work)."""
     from mergekit_sdxl.errors import UsageError
-    from mergekit_sdxl.host.options import parse_bytes
+    from mergekit_sdxl.workflow.options import parse_bytes
 
     if value is not None:
         try:

@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import typer
 
-from mergekit_sdxl.host.recipe import Method, build_recipe
+from mergekit_sdxl.workflow.recipe import Method, build_recipe
 from mergekit_sdxl.text import printable
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def recipe_command(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the DROP masks (tgmd default: 240603)."),
 ) -> None:
     """Discover, validate and filter checkpoints; write a mergekit config pinned by sha256."""
-    from mergekit_sdxl.host.recipe import refuse_writes_over_inputs
+    from mergekit_sdxl.workflow.recipe import refuse_writes_over_inputs
     from mergekit_sdxl.io.output_guard import check_config_target
     from mergekit_sdxl.io.safe_write import atomic_write_text
 

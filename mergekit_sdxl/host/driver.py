@@ -36,7 +36,7 @@ from mergekit_sdxl.io.safe_write import describe_os_error
 from mergekit_sdxl.host.architecture import is_sdxl_architecture
 from mergekit_sdxl.host.checkpoint import SDXLCheckpointLoader, checkpoint_index, is_checkpoint_file
 from mergekit_sdxl.host.methods import set_chunk_bytes
-from mergekit_sdxl.host.options import SDXLOptions
+from mergekit_sdxl.workflow.options import SDXLOptions
 from mergekit_sdxl.host.planner import planning_options
 from mergekit_sdxl.host.plugin import register_all
 from mergekit_sdxl.host.tasks import DonorTensor, OutputTensor, PositionIds
@@ -116,7 +116,7 @@ def input_paths(config: MergeConfiguration, sdxl: Optional[SDXLOptions] = None) 
     Not ``MergeConfiguration.referenced_models()``: that is a set, and its order
     (hence the provenance metadata and the output bytes) would change between runs.
     """
-    from mergekit_sdxl.host.recipe import config_inputs
+    from mergekit_sdxl.workflow.recipe import config_inputs
 
     pairs = config_inputs(config)
     source = sdxl.vae.source if sdxl is not None else "base"
@@ -289,7 +289,7 @@ def _locked_merge(
     cache: "Any",
     keep_paths: bool,
 ) -> MergeResult:
-    from mergekit_sdxl.host.preflight import preflight
+    from mergekit_sdxl.workflow.preflight import preflight
     from mergekit_sdxl.io.provenance import build_metadata, input_info, publishable_recipe, write_sidecars
 
     config, sdxl, config_text = loaded.config, loaded.sdxl, loaded.text

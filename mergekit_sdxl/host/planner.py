@@ -19,7 +19,7 @@ from mergekit.architecture import WeightInfo
 from mergekit.common import ImmutableMap, ModelReference
 from mergekit.config import ConfigReader
 
-from mergekit_sdxl.host.options import SDXLOptions
+from mergekit_sdxl.workflow.options import SDXLOptions
 
 LOG = logging.getLogger(__name__)
 

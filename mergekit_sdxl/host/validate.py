@@ -320,7 +320,7 @@ def check_keys(raw: Dict[str, Any], source: str) -> None:
     in every model reference mapping, each with a "did you mean" hint."""
     from mergekit.config import MergeConfiguration
 
-    from mergekit_sdxl.host.options import SDXLOptions
+    from mergekit_sdxl.workflow.options import SDXLOptions
 
     _check_mapping_keys(raw, MergeConfiguration, "", source, extra=("sdxl",))
     for key, item in raw.items():
@@ -905,7 +905,7 @@ def _mergekit_config(raw: Dict[str, Any], source: str) -> Any:
     """mergekit's MergeConfiguration of ``raw`` (``sdxl:`` checked against SDXLOptions)."""
     from mergekit.config import MergeConfiguration
 
-    from mergekit_sdxl.host.options import SDXLOptions
+    from mergekit_sdxl.workflow.options import SDXLOptions
 
     _pydantic_validate(SDXLOptions, raw.get("sdxl") or {}, "sdxl", source)
     return _pydantic_validate(MergeConfiguration, {k: v for k, v in raw.items() if k != "sdxl"}, "", source)

@@ -33,11 +33,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from mergekit_sdxl.errors import UserError
-from mergekit_sdxl.host.preflight import FAMILY_LABELS, FileReport, canonical_shapes, inspect_file
 from mergekit_sdxl.io.discover import Discovery, discover_safetensors
 from mergekit_sdxl.io.provenance import InputInfo, legacy_hash
 from mergekit_sdxl.sdxl.header import CheckpointError
 from mergekit_sdxl.text import printable
+from mergekit_sdxl.workflow.preflight import FAMILY_LABELS, FileReport, canonical_shapes, inspect_file
 
 logger = logging.getLogger(__name__)
 

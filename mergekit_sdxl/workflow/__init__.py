@@ -1,0 +1,1 @@
+"""The mergekit-free workflow: inspect, preflight, recipe, and the ``sdxl:`` options."""
