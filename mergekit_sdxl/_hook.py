@@ -1,9 +1,14 @@
 """Lazy post-import hook, imported from ``mergekit_sdxl_hook.pth`` at interpreter start.
 
-It costs one tiny import per Python process. The plugin itself is loaded only
-when ``mergekit.merge_methods`` is imported, so the stock ``mergekit-yaml``
-sees the SDXL methods and checkpoint files with no extra step. Set
+It costs one tiny import per Python process. The plugin itself is loaded only when mergekit
+is: as each of ``mergekit.merge_methods``, ``mergekit.plan`` and ``mergekit.merge`` finishes
+importing, the matching registration in ``mergekit_sdxl.host.plugin`` runs, so the stock
+``mergekit-yaml`` sees the SDXL methods and checkpoint files with no extra step. Set
 ``MERGEKIT_SDXL_DISABLE=1`` to turn it off.
+
+A registration never runs while one of this package's own modules is being imported (they
+import mergekit themselves, and a registration imports them): it is queued and runs as soon
+as the outermost import of a ``mergekit_sdxl`` module completes.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import os
 import sys
 import threading
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterator
+from typing import Callable, Dict, Iterator, List
 
 _TRIGGERS: Dict[str, str] = {
     # module whose import completes -> plugin function (in mergekit_sdxl.host.plugin) to call
@@ -22,32 +27,54 @@ _TRIGGERS: Dict[str, str] = {
     "mergekit.plan": "on_plan_imported",
     "mergekit.merge": "on_merge_imported",
 }
+_PACKAGE = "mergekit_sdxl."
+
+_state = threading.local()
 
 
-_local = threading.local()
+def _depth(name: str) -> int:
+    return int(getattr(_state, name, 0))
+
+
+def _queue() -> List[str]:
+    queue = getattr(_state, "queue", None)
+    if queue is None:
+        queue = _state.queue = []
+    return queue
 
 
 @contextmanager
 def suppressed() -> Iterator[None]:
-    """Imports of mergekit made by this package itself do not run the callbacks: the plugin's
-    modules are then mid-import, and the code that imports them registers explicitly."""
-    _local.depth = getattr(_local, "depth", 0) + 1
+    """mergekit imports made by this package itself: callbacks wait (see the module docstring)."""
+    _state.suppressed = _depth("suppressed") + 1
     try:
         yield
     finally:
-        _local.depth -= 1
+        _state.suppressed = _depth("suppressed") - 1
+    _flush()
 
 
-def _run_callback(name: str) -> None:
-    if getattr(_local, "depth", 0):
+def _flush() -> None:
+    if _depth("suppressed") or _depth("package"):
         return
-    from mergekit_sdxl.host import plugin
+    queue = _queue()
+    while queue:
+        name = queue.pop(0)
+        from mergekit_sdxl.host import plugin
 
-    callback: Callable[[], None] = getattr(plugin, _TRIGGERS[name])
-    callback()
+        callback: Callable[[], None] = getattr(plugin, _TRIGGERS[name])
+        callback()
+
+
+def _on_trigger(name: str) -> None:
+    if name not in _queue():
+        _queue().append(name)
+    _flush()
 
 
 class _ExecThenCall(importlib.abc.Loader):
+    """Runs the wrapped loader, then ``after`` (a trigger's callback, or the package bookkeeping)."""
+
     def __init__(self, wrapped: importlib.abc.Loader, name: str):
         self._wrapped = wrapped
         self._name = name
@@ -56,8 +83,16 @@ class _ExecThenCall(importlib.abc.Loader):
         return self._wrapped.create_module(spec)
 
     def exec_module(self, module) -> None:  # type: ignore[no-untyped-def]
-        self._wrapped.exec_module(module)
-        _run_callback(self._name)
+        if self._name in _TRIGGERS:
+            self._wrapped.exec_module(module)
+            _on_trigger(self._name)
+            return
+        _state.package = _depth("package") + 1
+        try:
+            self._wrapped.exec_module(module)
+        finally:
+            _state.package = _depth("package") - 1
+        _flush()
 
     def __getattr__(self, attr: str):  # delegate get_source, is_package, ...
         return getattr(self._wrapped, attr)
@@ -65,7 +100,7 @@ class _ExecThenCall(importlib.abc.Loader):
 
 class _PostImportFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):  # type: ignore[no-untyped-def]
-        if fullname not in _TRIGGERS:
+        if fullname not in _TRIGGERS and not fullname.startswith(_PACKAGE):
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -87,7 +122,7 @@ def install() -> None:
     sys.meta_path.insert(0, _PostImportFinder())
     for name in _TRIGGERS:
         if name in sys.modules:
-            _run_callback(name)
+            _on_trigger(name)
 
 
 install()

@@ -112,16 +112,18 @@ HAVE_DRIVER = importlib.util.find_spec("mergekit_sdxl.host.driver") is not None
 
 
 def _plan(text: str):
-    """Plan like ``mergekit-sdxl merge`` does, without executing: returns the planned
-    (WeightInfo, task) pairs."""
-    from mergekit.architecture import get_architecture_info
-    from mergekit.io.tasks import LoaderCache
-    from mergekit.merge import _model_out_config
-    from mergekit.options import MergeOptions
-    from mergekit.plan import MergePlanner
-
+    """Plan without executing, through mergekit's public ``plan_to_disk`` as both commands do:
+    SDXL configs with ``mergekit-sdxl merge``'s planner, others with the stock planner (which
+    the plugin's patches extend). Returns the config and the planned (key name, task) pairs."""
     from mergekit_sdxl.host.driver import load_config
-    from mergekit_sdxl.host.planner import planning_options
+    from mergekit_sdxl.host.mergekit_api import (
+        LoaderCache,
+        MergeOptions,
+        MergePlanner,
+        SaveTensor,
+        get_architecture_info,
+    )
+    from mergekit_sdxl.host.planner import SDXLMergePlanner, SDXLRules
     from mergekit_sdxl.host.plugin import register_all
 
     register_all()
@@ -129,11 +131,14 @@ def _plan(text: str):
     options = MergeOptions()
     LoaderCache().setup(options=options)
     arch = get_architecture_info(loaded.config, options)
-    out_cfg = _model_out_config(loaded.config, arch, trust_remote_code=False)
-    with planning_options(loaded.sdxl):
+    donor = loaded.config.base_model or loaded.config.referenced_models()[0]
+    out_cfg = donor.config(trust_remote_code=False)
+    if "SDXLCheckpoint" in arch.architectures:
+        planner = SDXLMergePlanner(loaded.config, arch, options=options, out_model_config=out_cfg, rules=SDXLRules(options=loaded.sdxl))
+    else:
         planner = MergePlanner(loaded.config, arch, options=options, out_model_config=out_cfg)
-        planner._plan()
-    return loaded, planner._tensors
+    saves = [t for t in planner.plan_to_disk("unused") if isinstance(t, SaveTensor)]
+    return loaded, [(t.tensor_name, t.tensor_task) for t in saves]
 
 
 @pytest.mark.skipif(not HAVE_DRIVER, reason="TODO: mergekit planning of SDXL (mergekit_sdxl.host.driver) not available yet")
@@ -141,14 +146,14 @@ def _plan(text: str):
 def test_sdxl_config_plans(name, tmp_path, sdxl_template):
     text = materialize(name, tmp_path, sdxl_template)
     loaded, planned = _plan(text)
-    names = {w.name for w, _ in planned}
+    names = {name for name, _ in planned}
     assert len(names) >= 2514
     assert "model.diffusion_model.input_blocks.0.0.weight" in names
     assert "first_stage_model.decoder.conv_out.weight" in names
     if name == "vae-from-model.yaml":
         source = loaded.sdxl.vae.source
         assert source.endswith("model_with_good_vae.safetensors")
-        vae_tasks = [t for w, t in planned if w.name.startswith("first_stage_model.")]
+        vae_tasks = [t for name, t in planned if name.startswith("first_stage_model.")]
         donors = {str(t.model.model.path) for t in vae_tasks if hasattr(t, "model")}
         assert donors == {source}
 
@@ -157,6 +162,6 @@ def test_sdxl_config_plans(name, tmp_path, sdxl_template):
 def test_llm_config_plans(tmp_path, sdxl_template, llama_template):
     text = materialize("llm-tgmd.yaml", tmp_path, sdxl_template, llama_template)
     _, planned = _plan(text)
-    names = {w.name for w, _ in planned}
+    names = {name for name, _ in planned}
     assert "model.layers.0.self_attn.q_proj.weight" in names
     assert "model.embed_tokens.weight" in names

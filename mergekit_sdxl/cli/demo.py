@@ -53,7 +53,7 @@ def _denoise(out: Path, config_dir: Path) -> None:
 
 
 def run_demo(outdir: Path, n_models: int = 4, method: str = "tgmd") -> None:
-    from mergekit.options import MergeOptions
+    from mergekit_sdxl.host.mergekit_api import MergeOptions
 
     from mergekit_sdxl.cli.merge_cmd import report_result
     from mergekit_sdxl.host.driver import run_sdxl_merge

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shlex
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -102,7 +101,7 @@ def run_command(
     keep_paths: bool = typer.Option(False, "--keep-paths", help="Record full input paths in the output (private use)."),
 ) -> None:
     """Recipe + merge in one command: discover, validate, write the recipe, merge."""
-    from mergekit.options import MergeOptions
+    from mergekit_sdxl.host.mergekit_api import MergeOptions
 
     from mergekit_sdxl.cli.merge_cmd import check_memory_budget, published_command, report_result
     from mergekit_sdxl.host.driver import run_sdxl_merge

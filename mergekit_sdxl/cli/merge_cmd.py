@@ -13,7 +13,7 @@ import sys
 from typing import Optional, Sequence
 
 import click
-from mergekit.options import MergeOptions, add_merge_options
+from mergekit_sdxl.host.mergekit_api import MergeOptions, add_merge_options
 
 LOG = logging.getLogger(__name__)
 

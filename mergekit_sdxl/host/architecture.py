@@ -10,10 +10,11 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Dict, List, Optional
 
-from mergekit.architecture.base import ModelArchitecture, ModuleArchitecture, ModuleDefinition, WeightInfo
 from transformers import PretrainedConfig
 
-from mergekit_sdxl.host.checkpoint import ARCHITECTURE_NAME, MODEL_TYPE, POSITION_IDS_KEY
+from mergekit_sdxl.host.checkpoint import ARCHITECTURE_NAME, MODEL_TYPE
+from mergekit_sdxl.host.mergekit_api import ModelArchitecture, ModuleArchitecture, ModuleDefinition, WeightInfo
+from mergekit_sdxl.sdxl.keys import POSITION_IDS_KEY
 from mergekit_sdxl.sdxl.manifest import COMPONENT_PREFIXES, NUM_LAYERS, OPTIONAL_KEYS, SDXL_KEYS, component_of, layer_of
 
 
@@ -75,4 +76,5 @@ def sdxl_architecture() -> ModelArchitecture:
 
 
 def is_sdxl_architecture(arch: ModelArchitecture) -> bool:
+    """True for the architecture of SDXL single-file checkpoints."""
     return ARCHITECTURE_NAME in arch.architectures

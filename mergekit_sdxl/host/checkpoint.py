@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import torch
-from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex, ShardInfo
 from transformers import PretrainedConfig
 
+from mergekit_sdxl.host.mergekit_api import LazyTensorLoader, ShardedTensorIndex, ShardInfo
 from mergekit_sdxl.io.writer import TORCH_DTYPES
 from mergekit_sdxl.sdxl import keys as sdxl_keys
 from mergekit_sdxl.sdxl.header import CheckpointError, read_header
@@ -32,7 +32,7 @@ LOG = logging.getLogger(__name__)
 
 ARCHITECTURE_NAME = "SDXLCheckpoint"
 MODEL_TYPE = "sdxl_checkpoint"
-POSITION_IDS_KEY = "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"
+POSITION_IDS_KEY = sdxl_keys.POSITION_IDS_KEY
 
 
 def is_checkpoint_file(path: str) -> bool:

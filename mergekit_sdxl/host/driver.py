@@ -1,10 +1,9 @@
-"""``mergekit-sdxl merge``: plan with mergekit, execute with mergekit, stream to one file.
+"""``mergekit-sdxl merge``: check, lock, preflight, plan with mergekit, stream to one file.
 
-mergekit's own writer holds a whole shard in RAM and splits files above 5 GB;
-here the planner's per-tensor tasks are wrapped in ``OutputTensor`` targets, the
-``Executor`` yields one merged tensor at a time, and each goes straight into a
-single safetensors file whose header (names, shapes, offsets, provenance) was
-written first. The file appears under its name only when complete and verified.
+The steps, each its own function: :func:`_checked_inputs` (the config validated, every path
+the merge writes checked against every input), the output lock, preflight, planning
+(``host/merge_planning.py``), provenance, and streaming (``host/streaming.py``) into ONE
+single-file checkpoint that appears under its name only when complete and verified.
 """
 
 from __future__ import annotations
@@ -16,30 +15,16 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import torch
-import yaml
-from mergekit.architecture import get_architecture_info
-from mergekit.common import ModelReference, dtype_from_name
-from mergekit.config import MergeConfiguration
-from mergekit.graph import Executor
-from mergekit.io.tasks import LoaderCache
-from mergekit.merge import _model_out_config
-from mergekit.options import MergeOptions
-from mergekit.plan import MergePlanner
-from tqdm.auto import tqdm
-
-import mergekit_sdxl
 from mergekit_sdxl.errors import OutputError, UsageError, UserError
-from mergekit_sdxl.io.safe_write import describe_os_error
-from mergekit_sdxl.host.architecture import is_sdxl_architecture
-from mergekit_sdxl.host.checkpoint import SDXLCheckpointLoader, checkpoint_index, is_checkpoint_file
-from mergekit_sdxl.host.methods import set_chunk_bytes
-from mergekit_sdxl.workflow.options import SDXLOptions
-from mergekit_sdxl.host.planner import planning_options
+from mergekit_sdxl.host.checkpoint import is_checkpoint_file
+from mergekit_sdxl.host.merge_planning import plan_merge
+from mergekit_sdxl.host.mergekit_api import MergeConfiguration, MergeOptions, mergekit_version
+from mergekit_sdxl.host.planner import SDXLRules
 from mergekit_sdxl.host.plugin import register_all
-from mergekit_sdxl.host.tasks import DonorTensor, OutputTensor, PositionIds
+from mergekit_sdxl.host.streaming import bytes_read, stream_merge
+from mergekit_sdxl.io.hashing import HashCache
 from mergekit_sdxl.io.output_guard import (
     check_no_symlinks,
     check_output_target,
@@ -47,7 +32,12 @@ from mergekit_sdxl.io.output_guard import (
     merge_output_paths,
 )
 from mergekit_sdxl.io.output_lock import OutputLock
-from mergekit_sdxl.io.writer import StreamingCheckpointWriter, TensorEntrySpec, WriteResult
+from mergekit_sdxl.io.provenance import InputInfo, build_metadata, input_info, publishable_recipe, write_sidecars
+from mergekit_sdxl.io.safe_write import describe_os_error
+from mergekit_sdxl.io.writer import StreamingCheckpointWriter, WriteResult
+from mergekit_sdxl.kernels.memory_plan import MemoryPlan
+from mergekit_sdxl.workflow.options import SDXLOptions
+from mergekit_sdxl.workflow.preflight import PreflightReport, preflight
 
 LOG = logging.getLogger(__name__)
 
@@ -125,57 +115,6 @@ def input_paths(config: MergeConfiguration, sdxl: Optional[SDXLOptions] = None) 
     return pairs
 
 
-def _entries(planned, out_dtype: str, flags: Sequence[str]) -> Tuple[List[TensorEntrySpec], List[Tuple[str, OutputTensor]]]:
-    """Output layout in name order, and the target task of each merged key."""
-    specs: Dict[str, TensorEntrySpec] = {}
-    targets: List[Tuple[str, OutputTensor]] = []
-    for weight, task in planned:
-        name = weight.name
-        if isinstance(task, DonorTensor):
-            index = LoaderCache().get(task.model).index
-            if name not in index.tensor_paths:
-                if weight.optional:
-                    continue
-                raise MergeError(f"{task.model}: key {name} is missing (needed from that file)")
-            shape = index.shapes[name]
-        elif isinstance(task, PositionIds):
-            shape = (1, 77)
-        else:
-            shape = None
-            for model in _models_of(task):
-                index = LoaderCache().get(model).index
-                if name in index.tensor_paths:
-                    shape = index.shapes[name]
-                    break
-            if shape is None:
-                continue
-        dtype = weight.force_dtype or out_dtype
-        specs[name] = TensorEntrySpec(name=name, dtype=dtype_from_name(dtype), shape=tuple(shape))
-        targets.append((name, OutputTensor(name=name, tensor_task=task, dtype=dtype, optional=weight.optional)))
-    for flag in flags:
-        specs[flag] = TensorEntrySpec(name=flag, dtype=torch.float32, shape=(0,))
-    return [specs[name] for name in sorted(specs)], targets
-
-
-def _models_of(task) -> Sequence[ModelReference]:
-    if hasattr(task, "model_order"):
-        return task.model_order
-    if hasattr(task, "merge"):
-        return task.merge.model_order
-    if hasattr(task, "model"):
-        return (task.model,)
-    return ()
-
-
-def _agreed_flags(paths: Sequence[str]) -> List[str]:
-    """v_pred/ztsnr markers, kept only when every input carries them."""
-    flag_sets = [set(checkpoint_index(p).flags) for p in paths]
-    agreed = set.intersection(*flag_sets) if flag_sets else set()
-    if any(s != agreed for s in flag_sets):
-        LOG.warning("inputs disagree on v_pred/ztsnr markers; the output carries only %s", sorted(agreed) or "none")
-    return sorted(agreed)
-
-
 def fingerprint(config_text: str, inputs: Sequence[Tuple[str, int, int, str]], extra: str = "") -> str:
     """Identity of a merge for resuming: config text, each input's path, size, mtime and sha256.
 
@@ -205,35 +144,62 @@ def run_sdxl_merge(
 ) -> MergeResult:
     """Merge SDXL checkpoints into one safetensors file.
 
-    ``source`` is the config file's path (named in error messages, and never written over); ``verify_pins`` checks the inputs against
-    the recipe's sha256 pins; ``keep_paths`` records full input paths in the published
-    metadata (by default only file names).
-
-    Before any work: the config is validated, every path the merge writes is checked against
-    every input, and the output's lock is taken (one merge per output at a time).
+    ``source`` is the config file's path (named in error messages, and never written over);
+    ``verify_pins`` checks the inputs against the recipe's sha256 pins; ``keep_paths`` records
+    full input paths in the published metadata (by default only file names). Before any work
+    the config is validated, every path the merge writes is checked against every input, and
+    the output's lock is taken (one merge per output at a time).
     """
     started = time.monotonic()
     if options.multi_gpu:
         raise MergeError("--multi-gpu is not supported by mergekit-sdxl merge (one device per merge); use --cuda")
-    from mergekit_sdxl.host.validate import validate_config
-    from mergekit_sdxl.io.hashing import HashCache
-
     register_all()
-    check_output_target(out_path, suffix=".safetensors")
     cache = HashCache()
+    loaded, roles = _checked_inputs(config_text, out_path, overrides, source, verify_pins, allow_base_in_models, cache)
+    with OutputLock(out_path):
+        report = _preflight(loaded, roles, preflight_scan)
+        plan = MemoryPlan(budget_bytes=loaded.sdxl.memory_budget_bytes, adjust_threads=not options.multi_gpu)
+        planned = plan_merge(loaded.config, options, SDXLRules(options=loaded.sdxl, plan=plan), [p for p, _ in roles])
+        infos = [input_info(path, role=role, cache=cache) for path, role in roles]
+        metadata = _metadata(loaded, roles, infos, report, out_path, keep_paths)
+        writer = StreamingCheckpointWriter.open_or_resume(
+            out_path, planned.entries, metadata, fingerprint=_identity(loaded.text, infos, overrides), restart=restart
+        )
+        _check_free_space(writer)
+        start = bytes_read()
+        with writer:
+            stream_merge(writer, planned.targets, device=options.device or "cpu", quiet=options.quiet)
+            result = writer.close(
+                before_publish=lambda r: write_sidecars(
+                    out_path, metadata, r.sha256, r.autov2, infos, command=command, config_name=config_name, size=r.size
+                )
+            )
+    cache.record(out_path, result.sha256)
+    return MergeResult(
+        write=result, keys=len(planned.entries), bytes_read=bytes_read() - start, seconds=time.monotonic() - started
+    )
+
+
+def _checked_inputs(
+    config_text: str,
+    out_path: str,
+    overrides: Optional[Dict],
+    source: Optional[str],
+    verify_pins: bool,
+    allow_base_in_models: bool,
+    cache: HashCache,
+) -> Tuple[LoadedConfig, List[Tuple[str, str]]]:
+    """The validated config and its ``(path, role)`` inputs; refuses any write onto an input."""
+    from mergekit_sdxl.host.validate import validate_config
+
+    check_output_target(out_path, suffix=".safetensors")
     label = source or "(given as text)"
     validate_config(  # logs its warnings (copies of one file, ...)
-        config_text,
-        source=label,
-        allow_base_in_models=allow_base_in_models,
-        sha256_of=cache.sha256,
-        verify_pins=verify_pins,
+        config_text, source=label, allow_base_in_models=allow_base_in_models, sha256_of=cache.sha256, verify_pins=verify_pins
     )
     loaded = load_config(config_text, overrides, source=label)
-    config, sdxl = loaded.config, loaded.sdxl
-    roles = input_paths(config, sdxl)
-    paths = [p for p, _ in roles]
-    missing = [p for p in paths if not is_checkpoint_file(p)]
+    roles = input_paths(loaded.config, loaded.sdxl)
+    missing = [p for p, _ in roles if not is_checkpoint_file(p)]
     if missing:
         raise MergeError("inputs not found or not .safetensors files: " + ", ".join(missing))
     writes = merge_output_paths(out_path)
@@ -244,11 +210,57 @@ def run_sdxl_merge(
     check_no_symlinks(writes[2:])  # the .partial may be a stale link: the writer replaces it
     _refuse_foreign_output(out_path)
     _make_output_folder(out_path)
-    with OutputLock(out_path):
-        return _locked_merge(
-            loaded, roles, out_path, options, overrides, restart, preflight_scan, command, config_name, started,
-            cache=cache, keep_paths=keep_paths,
-        )
+    return loaded, roles
+
+
+def _preflight(loaded: LoadedConfig, roles: Sequence[Tuple[str, str]], scan: bool) -> PreflightReport:
+    base = loaded.config.base_model.model.path if loaded.config.base_model else None
+    report = preflight(
+        [Path(p) for p, _ in roles],
+        base=Path(base) if base else None,
+        allow_vpred_mix=loaded.sdxl.allow_vpred_mix,
+        scan=scan,
+        families=("sdxl-base",),  # the loader merges SDXL base-family files only
+    )
+    LOG.info("%s", report.summary())
+    return report
+
+
+def _metadata(
+    loaded: LoadedConfig,
+    roles: Sequence[Tuple[str, str]],
+    infos: Sequence[InputInfo],
+    report: PreflightReport,
+    out_path: str,
+    keep_paths: bool,
+) -> Dict[str, str]:
+    import mergekit_sdxl
+
+    config = loaded.config
+    recipe = loaded.text if keep_paths else publishable_recipe(loaded.text, [p for p, _ in roles])
+    return build_metadata(
+        recipe,
+        infos,
+        method=config.merge_method,
+        seed=str(dict(config.parameters or {}).get("seed", "")),
+        dtype=str(config.dtype or ""),
+        out_dtype=config.out_dtype or "float16",
+        title=Path(out_path).stem,
+        prediction_type=report.prediction_type,
+        plugin_version=mergekit_sdxl.__version__,
+        mergekit_version=mergekit_version(),
+    )
+
+
+def _identity(config_text: str, infos: Sequence[InputInfo], overrides: Optional[Mapping[str, Any]]) -> str:
+    # The memory budget only changes how tensors are chunked, never the bytes: a merge killed
+    # for lack of memory must be able to resume with a smaller --memory-budget.
+    options = {k: v for k, v in (overrides or {}).items() if k != "memory_budget"}
+    return fingerprint(
+        config_text,
+        [(i.path, i.size, os.stat(i.path).st_mtime_ns, i.sha256) for i in infos],
+        json.dumps(options, sort_keys=True),
+    )
 
 
 def _make_output_folder(out_path: str) -> None:
@@ -274,122 +286,6 @@ def _refuse_foreign_output(out_path: str) -> None:
         )
 
 
-def _locked_merge(
-    loaded: "LoadedConfig",
-    roles: List[Tuple[str, str]],
-    out_path: str,
-    options: MergeOptions,
-    overrides: Optional[Dict],
-    restart: bool,
-    preflight_scan: bool,
-    command: Optional[str],
-    config_name: Optional[str],
-    started: float,
-    *,
-    cache: "Any",
-    keep_paths: bool,
-) -> MergeResult:
-    from mergekit_sdxl.workflow.preflight import preflight
-    from mergekit_sdxl.io.provenance import build_metadata, input_info, publishable_recipe, write_sidecars
-
-    config, sdxl, config_text = loaded.config, loaded.sdxl, loaded.text
-    files = [p for p, _ in roles]
-    base_path = config.base_model.model.path if config.base_model else None
-    report = preflight(
-        [Path(p) for p in files],
-        base=Path(base_path) if base_path else None,
-        allow_vpred_mix=sdxl.allow_vpred_mix,
-        scan=preflight_scan,
-        families=("sdxl-base",),  # the loader merges SDXL base-family files only
-    )
-    LOG.info("%s", report.summary())
-
-    budget = sdxl.memory_budget_bytes
-    set_chunk_bytes(max(budget // 4, 1024**2))
-    LoaderCache.loaders.clear()
-    loader_cache = LoaderCache()
-    loader_cache.setup(options=options)
-    arch = get_architecture_info(config, options)
-    if not is_sdxl_architecture(arch):
-        raise MergeError("mergekit-sdxl merge writes SDXL single files; use mergekit-yaml for other architectures")
-    for model in config.referenced_models():
-        loader_cache.get(model)
-    out_config = _model_out_config(config, arch, trust_remote_code=options.trust_remote_code)
-    recipe_text = loaded.text
-    out_dtype = config.out_dtype or "float16"
-
-    with planning_options(sdxl.model_copy(update={"memory_budget": budget})):
-        planner = MergePlanner(config, arch, options=options, out_model_config=out_config)
-        planner._plan()
-    entries, targets = _entries(planner._tensors, out_dtype, _agreed_flags(files))
-
-    infos = [input_info(path, role=role, cache=cache) for path, role in roles]
-    params = dict(config.parameters or {})
-    metadata = build_metadata(
-        recipe_text if keep_paths else publishable_recipe(recipe_text, [p for p, _ in roles]),
-        infos,
-        method=config.merge_method,
-        seed=str(params.get("seed", "")),
-        dtype=str(config.dtype or ""),
-        out_dtype=out_dtype,
-        title=Path(out_path).stem,
-        prediction_type=report.prediction_type,
-        plugin_version=mergekit_sdxl.__version__,
-        mergekit_version=_mergekit_version(),
-    )
-    # The memory budget only changes how tensors are chunked, never the bytes: a merge killed for
-    # lack of memory must be able to resume with a smaller --memory-budget.
-    options_identity = {k: v for k, v in (overrides or {}).items() if k != "memory_budget"}
-    identity = fingerprint(config_text, [(i.path, i.size, os.stat(i.path).st_mtime_ns, i.sha256) for i in infos], json.dumps(options_identity, sort_keys=True))
-    writer = StreamingCheckpointWriter.open_or_resume(out_path, entries, metadata, fingerprint=identity, restart=restart)
-    _check_free_space(writer)
-    done = set(writer.completed_names())
-    pending = [(name, task) for name, task in targets if name not in done]
-    constants = {spec.name: torch.empty(0, dtype=torch.float32) for spec in entries if spec.shape == (0,) and spec.name not in done}
-
-    loaders = [l for l in LoaderCache.loaders.values() if isinstance(l, SDXLCheckpointLoader)]
-    total_read = _expected_read_bytes(pending)
-    order = [spec.name for spec in entries if spec.name not in done]
-    buffered: Dict[str, Optional[torch.Tensor]] = dict(constants)
-    position = 0
-    read_start = sum(l.bytes_read for l in loaders)
-    with writer, tqdm(total=total_read, unit="B", unit_scale=True, desc="merging", disable=options.quiet) as bar:
-        executor = StreamingExecutor(
-            targets=[task for _, task in pending],
-            math_device=torch.device(options.device or "cpu"),
-            storage_device=torch.device("cpu"),
-        )
-        keys_done = 0
-
-        def drain() -> None:
-            nonlocal position
-            while position < len(order) and order[position] in buffered:
-                name = order[position]
-                tensor = buffered.pop(name)
-                writer.write(name, tensor)
-                position += 1
-
-        drain()
-        for task, value in executor.run(quiet=True):
-            buffered[task.name] = value
-            drain()
-            keys_done += 1
-            read_now = sum(l.bytes_read for l in loaders) - read_start
-            bar.update(max(0, min(read_now, total_read) - bar.n))
-            bar.set_postfix_str(f"keys {keys_done}/{len(pending)} {task.name[-40:]}", refresh=False)
-        drain()
-        if position != len(order):
-            raise MergeError(f"merge produced no value for {order[position]}")
-        result = writer.close(
-            before_publish=lambda r: write_sidecars(
-                out_path, metadata, r.sha256, r.autov2, infos, command=command, config_name=config_name, size=r.size
-            )
-        )
-    cache.record(out_path, result.sha256)
-    bytes_read = sum(l.bytes_read for l in loaders) - read_start
-    return MergeResult(write=result, keys=len(entries), bytes_read=bytes_read, seconds=time.monotonic() - started)
-
-
 def _check_free_space(writer: StreamingCheckpointWriter) -> None:
     """Refuse to start when the output cannot fit on its disk (the partial output stays resumable)."""
     import shutil
@@ -402,52 +298,3 @@ def _check_free_space(writer: StreamingCheckpointWriter) -> None:
             f"{writer.out_path}: needs {needed / 1e9:.2f} GB more on its disk but only {free / 1e9:.2f} GB are free; "
             "free some space (or choose another output folder) and run the same command again"
         )
-
-
-class StreamingExecutor(Executor):
-    """mergekit's ``Executor`` with O(1) target lookup and no progress bar of its own.
-
-    ``Executor._run`` tests ``task_handle in self.targets`` against a list: with
-    2515 targets that is millions of pydantic ``__eq__`` calls per merge.
-    """
-
-    def _run(self, quiet: bool = False, desc: Optional[str] = None):
-        last_use = self.schedule.last_use_index
-        targets = set(self.targets)
-        values: Dict = dict(self.cached_values or {})
-        for index, handle in enumerate(self.schedule.tasks):
-            task = handle.task()
-            on_math_device = task.uses_accelerator()
-            arguments = {}
-            for name, dependency in handle.arguments().items():
-                value = values[dependency]
-                arguments[name] = self._move_tensors(value, self.math_device) if on_math_device else value
-            result = self._move_tensors(task.execute(**arguments), self.storage_device)
-            del arguments
-            values[handle] = result
-            del result
-            if handle in targets:
-                yield handle, values[handle]
-            for key in [k for k in values if index >= last_use[k]]:
-                del values[key]
-
-
-def _expected_read_bytes(pending) -> int:
-    """Input bytes the merge will read, for the progress bar."""
-    total = 0
-    for name, target in pending:
-        for model in _models_of(target.tensor_task):
-            ranges = getattr(LoaderCache().get(model).index, "byte_ranges", {})
-            if name in ranges:
-                start, stop = ranges[name]
-                total += stop - start
-    return total
-
-
-def _mergekit_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("mergekit")
-    except PackageNotFoundError:
-        return "unknown"

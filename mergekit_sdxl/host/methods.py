@@ -11,10 +11,13 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
+from typing import Annotated, Any, Callable, Dict, Hashable, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple
 
 import torch
-from mergekit.merge_methods.base import (
+from pydantic import Field
+
+from mergekit_sdxl.errors import InputDataError
+from mergekit_sdxl.host.mergekit_api import (
     BasePolicy,
     BatchOptions,
     GroupMergeMethod,
@@ -25,10 +28,7 @@ from mergekit.merge_methods.base import (
     ParameterSpec,
     TensorGroup,
 )
-from pydantic import Field
-from typing_extensions import Annotated
-
-from mergekit_sdxl.errors import InputDataError
+from mergekit_sdxl.kernels.memory_plan import MemoryPlan, compute_dtype_for
 from mergekit_sdxl.kernels.tgmd import (
     InputValuesError,
     TGMDParams,
@@ -44,50 +44,8 @@ RowReader = Callable[[int, int], Optional[torch.Tensor]]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 NonNegative = Annotated[float, Field(ge=0.0)]
 
-# Per-chunk working set: N inputs plus about three compute-dtype copies of a chunk.
-DEFAULT_CHUNK_BYTES = 256 * 1024**2
-_chunk_bytes = DEFAULT_CHUNK_BYTES
-
-
-def set_chunk_bytes(value: int) -> None:
-    """Bound on the working memory of one chunk (set by ``--memory-budget``)."""
-    global _chunk_bytes
-    _chunk_bytes = max(int(value), 1)
-
-
-def rows_per_chunk(
-    shape: Sequence[int], n_inputs: int, compute_dtype: torch.dtype, chunk_bytes: Optional[int] = None
-) -> int:
-    """Rows per chunk so that N inputs in the compute dtype, about 4 copies, fit the bound."""
-    rows, cols = rows_cols(torch.Size(shape))
-    itemsize = torch.finfo(compute_dtype).bits // 8
-    per_row = max(1, n_inputs) * cols * itemsize * 4
-    return max(1, min(rows, (chunk_bytes or _chunk_bytes) // per_row))
-
-
-# Below this many elements a key is merged on one thread: its hundreds of small tensor ops
-# cost more in OpenMP fork/join and spin-waits than they gain (5-13x slower on 2 busy cores,
-# docs/benchmarks.md). Results do not depend on the thread count.
-SMALL_TENSOR_ELEMENTS = 1 << 20
-
-
-@contextmanager
-def threads_for(numel: int) -> Iterator[None]:
-    """One intra-op thread for small tensors, the configured number for large ones."""
-    configured = torch.get_num_threads()
-    if numel >= SMALL_TENSOR_ELEMENTS or configured == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(configured)
-
-
-def compute_dtype_for(dtype: Optional[torch.dtype]) -> torch.dtype:
-    """float64 when the config asks for it, float32 otherwise (never fp16/bf16 math)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# The plan of merges run by mergekit itself (mergekit-yaml, the Python API): no budget.
+UNBUDGETED = MemoryPlan()
 
 
 def _shared(name: str, value_type: Any, default: Any) -> ParameterSpec:
@@ -128,9 +86,33 @@ def _task_vector_spec(name: str, pretty: str, drop_rate: float, aggregate: str) 
     )
 
 
-def model_key(entry_id: Any) -> str:
-    """The identity of an input in the DROP masks: the model as written in the config."""
-    return str(entry_id)
+def mask_identity(model: Any) -> str:
+    """The identity of an input in the DROP masks: the model as written in the config
+    (``str`` of its mergekit ``ModelReference``). Both the in-memory and the chunked path use
+    this one function, so their masks, and outputs, cannot diverge."""
+    return str(model)
+
+
+@dataclass(frozen=True)
+class BoundParameters:
+    """A method's parameters for one key: shared values, and per-model values in input order."""
+
+    shared: Dict[str, Any]
+    per_model: Dict[str, Tuple[Any, ...]]
+
+
+def bind_parameters(
+    spec: MergeMethodSpec,
+    shared: Mapping[str, Any],
+    per_model: Callable[[Hashable, str], Any],
+    models: Sequence[Hashable],
+) -> BoundParameters:
+    """The one binding path of this plugin's methods: each value checked by mergekit's own
+    ``ParameterSpec.validate``. ``per_model(model, name)`` looks a per-model value up."""
+    return BoundParameters(
+        shared={p.name: p.validate(shared[p.name]) for p in spec.shared_parameters},
+        per_model={p.name: tuple(p.validate(per_model(m, p.name)) for m in models) for p in spec.input_parameters},
+    )
 
 
 @dataclass(frozen=True)
@@ -141,8 +123,8 @@ class ReaderInputs:
     shape: Tuple[int, ...]
     base: Optional[RowReader]
     models: Tuple[RowReader, ...]
-    model_keys: Tuple[str, ...]
-    labels: Tuple[str, ...]  # for messages: file names
+    model_keys: Tuple[str, ...]  # mask_identity of each model
+    labels: Tuple[str, ...]  # for messages
 
 
 def _bad_input_handler(inputs: ReaderInputs, policy: str) -> Callable[[int, str], None]:
@@ -165,56 +147,57 @@ def _input_values_are_user_errors() -> Iterator[None]:
 
 
 class ChunkedMergeMethod(GroupMergeMethod):
-    """A group method whose kernel runs over row readers, in chunks."""
+    """A group method whose kernel runs over row readers, in chunks.
+
+    mergekit calls :meth:`_execute` with whole in-memory groups (mergekit-yaml, the Python API);
+    mergekit-sdxl's own tasks call :meth:`merge_readers` directly (host/tasks.py). Both bind
+    parameters with :func:`bind_parameters` and name models with :func:`mask_identity`.
+    """
+
+    def uses_base(self) -> bool:
+        return self.spec.contract.base != BasePolicy.IGNORED
 
     def merge_readers(
         self,
         inputs: ReaderInputs,
-        parameters: Dict[str, Any],
-        per_model: Dict[str, List[Any]],
+        parameters: BoundParameters,
         compute_dtype: torch.dtype,
         rows: int,
         out_dtype: Optional[torch.dtype],
     ) -> torch.Tensor:
         raise NotImplementedError
 
-    def _split_group(
-        self, group: TensorGroup, parameters: Dict[str, Any]
-    ) -> Tuple[ReaderInputs, Dict[str, Any], Dict[str, List[Any]]]:
+    def _merge_group(
+        self, group: TensorGroup, parameters: Dict[str, Any], compute: torch.dtype, out_dtype: Optional[torch.dtype]
+    ) -> torch.Tensor:
         shape = tuple(group.entries[0].tensor.shape)
+        base = group.base if self.uses_base() else None
+        others = group.non_base if self.uses_base() else group.entries
+        if not others and base is not None:
+            result = base.tensor.to(compute)
+            return result.to(out_dtype) if out_dtype is not None else result
         rows, cols = rows_cols(torch.Size(shape))
 
         def reader(tensor: torch.Tensor) -> RowReader:
             flat = tensor.reshape(rows, cols)
             return lambda start, stop: flat[start:stop]
 
-        base = group.base
-        others = group.non_base if self.spec.contract.base != BasePolicy.IGNORED else group.entries
+        ids = [entry.id for entry in others]
         inputs = ReaderInputs(
             tensor_name=group.metadata.name or "tensor",
             shape=shape,
-            base=reader(base.tensor) if base is not None and self.spec.contract.base != BasePolicy.IGNORED else None,
+            base=reader(base.tensor) if base is not None else None,
             models=tuple(reader(entry.tensor) for entry in others),
-            model_keys=tuple(model_key(entry.id) for entry in others),
-            labels=tuple(model_key(entry.id) for entry in others),
+            model_keys=tuple(mask_identity(i) for i in ids),
+            labels=tuple(mask_identity(i) for i in ids),
         )
-        shared = {p.name: parameters[p.name] for p in self.spec.shared_parameters}
-        per_model = {p.name: [parameters[p.name][entry.id] for entry in others] for p in self.spec.input_parameters}
-        return inputs, shared, per_model
+        bound = bind_parameters(self.spec, parameters, lambda model, name: parameters[name][model], ids)
+        chunk_rows = UNBUDGETED.rows_per_chunk(shape, len(others) + 1, compute)
+        with UNBUDGETED.threads_for(group.entries[0].tensor.numel()):
+            return self.merge_readers(inputs, bound, compute, chunk_rows, out_dtype)
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
-        return self._merge_one(group, parameters, torch.float32, None)
-
-    def _merge_one(
-        self, group: TensorGroup, parameters: Dict[str, Any], compute: torch.dtype, out_dtype: Optional[torch.dtype]
-    ) -> torch.Tensor:
-        inputs, shared, per_model = self._split_group(group, parameters)
-        if not inputs.models and inputs.base is not None:
-            result = group.base.tensor.to(compute)
-            return result.to(out_dtype) if out_dtype is not None else result
-        rows = rows_per_chunk(inputs.shape, len(inputs.models) + 1, compute)
-        with threads_for(group.entries[0].tensor.numel()):
-            return self.merge_readers(inputs, shared, per_model, compute, rows, out_dtype)
+        return self._merge_group(group, parameters, torch.float32, None)
 
     def _execute(
         self,
@@ -227,7 +210,7 @@ class ChunkedMergeMethod(GroupMergeMethod):
     ) -> Tuple[torch.Tensor, ...]:
         # No align_dtype here: inputs stay in their stored dtype until a chunk is computed.
         return tuple(
-            self._merge_one(group, kwargs, compute_dtype_for(dtype), out_dtype)
+            self._merge_group(group, kwargs, compute_dtype_for(dtype), out_dtype)
             for group, kwargs, dtype in zip(groups, parameters, input_dtypes)
         )
 
@@ -238,19 +221,27 @@ class TaskVectorMedianMethod(ChunkedMergeMethod):
     def __init__(self, spec: MergeMethodSpec):
         self.spec = spec
 
-    def merge_readers(self, inputs, parameters, per_model, compute_dtype, rows, out_dtype):  # type: ignore[override]
+    def merge_readers(
+        self,
+        inputs: ReaderInputs,
+        parameters: BoundParameters,
+        compute_dtype: torch.dtype,
+        rows: int,
+        out_dtype: Optional[torch.dtype],
+    ) -> torch.Tensor:
+        per_model, shared = parameters.per_model, parameters.shared
         params = TGMDParams(
             drop_rate=tuple(per_model["drop_rate"]),
             density=tuple(per_model["density"]),
             weight=tuple(per_model["weight"]),
-            rescale=parameters["rescale"],
-            sign_election=parameters["sign_election"],
-            aggregate=parameters["aggregate"],
-            eps=parameters["eps"],
-            maxiter=parameters["maxiter"],
-            ftol=parameters["ftol"],
-            lambda_=parameters["lambda"],
-            seed=parameters["seed"],
+            rescale=shared["rescale"],
+            sign_election=shared["sign_election"],
+            aggregate=shared["aggregate"],
+            eps=shared["eps"],
+            maxiter=shared["maxiter"],
+            ftol=shared["ftol"],
+            lambda_=shared["lambda"],
+            seed=shared["seed"],
         )
         with _input_values_are_user_errors():
             return merge_task_vectors(
@@ -263,7 +254,7 @@ class TaskVectorMedianMethod(ChunkedMergeMethod):
                 compute_dtype,
                 rows,
                 out_dtype=out_dtype,
-                on_bad_input=_bad_input_handler(inputs, parameters["on_nonfinite"]),
+                on_bad_input=_bad_input_handler(inputs, shared["on_nonfinite"]),
             )
 
 
@@ -283,20 +274,28 @@ class GeometricMedianMethod(ChunkedMergeMethod):
             ),
         )
 
-    def merge_readers(self, inputs, parameters, per_model, compute_dtype, rows, out_dtype):  # type: ignore[override]
+    def merge_readers(
+        self,
+        inputs: ReaderInputs,
+        parameters: BoundParameters,
+        compute_dtype: torch.dtype,
+        rows: int,
+        out_dtype: Optional[torch.dtype],
+    ) -> torch.Tensor:
+        per_model, shared = parameters.per_model, parameters.shared
         with _input_values_are_user_errors():
             return merge_geometric_median(
                 inputs.tensor_name,
                 torch.Size(inputs.shape),
                 inputs.models,
                 weights=tuple(per_model["weight"]),
-                eps=parameters["eps"],
-                maxiter=parameters["maxiter"],
-                ftol=parameters["ftol"],
+                eps=shared["eps"],
+                maxiter=shared["maxiter"],
+                ftol=shared["ftol"],
                 compute_dtype=compute_dtype,
                 rows_per_chunk=rows,
                 out_dtype=out_dtype,
-                on_bad_input=_bad_input_handler(inputs, parameters["on_nonfinite"]),
+                on_bad_input=_bad_input_handler(inputs, shared["on_nonfinite"]),
             )
 
 
@@ -307,14 +306,3 @@ def build_methods() -> Tuple[ChunkedMergeMethod, ...]:
         TaskVectorMedianMethod(_task_vector_spec("ties_soup", "TIES-SOUP", 0.0, "mean")),
         GeometricMedianMethod(),
     )
-
-
-def _complete_deferred_registration() -> None:
-    # Imported before mergekit, this module triggered mergekit's post-import hook while it was
-    # half-initialised, so the hook left the registration for now.
-    from mergekit_sdxl.host import plugin
-
-    plugin.complete_deferred()
-
-
-_complete_deferred_registration()

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from mergekit.common import ModelReference, dtype_from_name
-from mergekit.graph import Task
-from mergekit.io.tasks import GatherTensors, LoaderCache
-from mergekit.merge_methods.base import ParameterScope, PerInputValues, TensorEntry, TensorGroup, TensorMetadata
-from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 
 from mergekit_sdxl.errors import InputDataError
+from mergekit_sdxl.host.mergekit_api import (
+    ExecuteMergeMethodTask,
+    GatherTensors,
+    LoaderCache,
+    ModelReference,
+    ParameterScope,
+    Task,
+    TensorEntry,
+    TensorGroup,
+    TensorMetadata,
+    dtype_from_name,
+    get_method,
+)
+from mergekit_sdxl.host.methods import ChunkedMergeMethod, ReaderInputs, RowReader, bind_parameters, mask_identity
+from mergekit_sdxl.kernels.memory_plan import MemoryPlan, compute_dtype_for
 from mergekit_sdxl.kernels.tgmd import rows_cols
 from mergekit_sdxl.sdxl import keys as sdxl_keys
 
@@ -81,21 +91,24 @@ class PositionIds(Task[torch.Tensor]):
         return sdxl_keys.position_ids()
 
 
-class ChunkedMergeTask(Task[Optional[torch.Tensor]]):
-    """Merges one tensor in row chunks read straight from the input files.
+class MergeKeyTask(Task[Optional[torch.Tensor]]):
+    """Merges one key under the merge's :class:`MemoryPlan`.
 
-    Never materialises N whole inputs: memory is O(N x chunk). Used for tensors
-    whose N inputs do not fit the memory budget. The wrapped task supplies the
-    method, parameters and inputs; its loading dependencies are not scheduled.
+    ``from_files``: the key's N inputs do not fit the plan, so row chunks are read straight
+    from the files (never N whole inputs in memory); otherwise the inputs come whole from the
+    wrapped task's ``DirectGather``. Either way the rows go through the same readers, parameter
+    binding and kernel, so both give the same bytes. The wrapped mergekit task supplies the
+    method, its resolved parameters and the inputs.
     """
 
     merge: ExecuteMergeMethodTask
-    rows_per_chunk: int
+    plan: MemoryPlan
     shape: Tuple[int, ...]
-    device: Optional[str] = None  # math device (mergekit --cuda); chunks are read on the CPU
+    from_files: bool = False
+    device: Optional[str] = None  # math device (mergekit --cuda); file chunks are read on the CPU
 
     def arguments(self) -> Dict[str, Task]:
-        return {}
+        return {} if self.from_files else {"tensors": self.merge.gather_tensors}
 
     def group_label(self) -> Optional[str]:
         return self.merge.output_weight.name
@@ -103,75 +116,104 @@ class ChunkedMergeTask(Task[Optional[torch.Tensor]]):
     def uses_accelerator(self) -> bool:
         return self.merge.uses_accelerator()
 
-    def _readers(self):
+    def execute(self, tensors: Optional[Dict[ModelReference, torch.Tensor]] = None, **_kwargs: Any) -> Optional[torch.Tensor]:
+        task = self.merge
+        method = get_method(task.method_name)
+        readers = self._file_readers() if self.from_files else self._memory_readers(tensors or {})
+        compute = compute_dtype_for(dtype_from_name(task.dtype))
+        out_dtype = dtype_from_name(task.out_dtype)
+        numel = 1
+        for dim in self.shape:
+            numel *= dim
+        with self.plan.threads_for(numel):
+            if isinstance(method, ChunkedMergeMethod):
+                return self._merge_readers(method, readers, compute, out_dtype)
+            return self._elementwise(method, readers, compute, out_dtype)
+
+    def _file_readers(self) -> Dict[ModelReference, Optional[RowReader]]:
         weight_info = self.merge.gather_tensors.weight_info
-        readers = {}
+        readers: Dict[ModelReference, Optional[RowReader]] = {}
         for model in self.merge.model_order:
             loader = LoaderCache().get(model)
             name = weight_info[model].name
             if name not in loader.index.tensor_paths:
                 readers[model] = None
                 continue
-            readers[model] = (
-                lambda start, stop, loader=loader, name=name: loader.get_rows(name, start, stop).to(self.device or "cpu")
+            readers[model] = lambda start, stop, loader=loader, name=name: loader.get_rows(name, start, stop).to(
+                self.device or "cpu"
             )
         return readers
 
-    def execute(self, **_kwargs) -> Optional[torch.Tensor]:
-        from mergekit import merge_methods
+    def _memory_readers(self, tensors: Dict[ModelReference, torch.Tensor]) -> Dict[ModelReference, Optional[RowReader]]:
+        rows, cols = rows_cols(torch.Size(self.shape))
+        readers: Dict[ModelReference, Optional[RowReader]] = {}
+        for model in self.merge.model_order:
+            tensor = tensors.get(model)
+            if tensor is None:
+                readers[model] = None
+                continue
+            if not tensor.is_floating_point():
+                raise InputDataError(f"{model}: key {self.merge.output_weight.name} is not floating point; it cannot be merged")
+            flat = tensor.reshape(rows, cols)
+            readers[model] = lambda start, stop, flat=flat: flat[start:stop]
+        return readers
 
-        from mergekit_sdxl.host.methods import ChunkedMergeMethod, ReaderInputs, compute_dtype_for, threads_for
-
+    def _merge_readers(
+        self,
+        method: ChunkedMergeMethod,
+        readers: Dict[ModelReference, Optional[RowReader]],
+        compute: torch.dtype,
+        out_dtype: Optional[torch.dtype],
+    ) -> torch.Tensor:
         task = self.merge
-        method = merge_methods.get(task.method_name)
-        readers = self._readers()
-        present = [model for model in task.model_order if readers[model] is not None]
-        compute = compute_dtype_for(dtype_from_name(task.dtype))
-        out_dtype = dtype_from_name(task.out_dtype)
         name = task.output_weight.name
-        if isinstance(method, ChunkedMergeMethod):
-            base_model = task.base_model
-            uses_base = method.spec.contract.base.value != "ignored"
-            others = [m for m in present if not (uses_base and m == base_model)]
-            if uses_base and readers.get(base_model) is None:
-                raise InputDataError(f"the base model {base_model} lacks key {name}")
-            inputs = ReaderInputs(
-                tensor_name=name,
-                shape=tuple(self.shape),
-                base=readers[base_model] if uses_base else None,
-                models=tuple(readers[m] for m in others),
-                model_keys=tuple(str(m) for m in others),
-                labels=tuple(str(m) for m in others),
-            )
-            shared = dict(task.parameters.items())
-            per_model = {
-                p.name: [task.input_parameters[m][p.name] for m in others] for p in method.spec.input_parameters
-            }
-            numel = 1
-            for dim in self.shape:
-                numel *= dim
-            with threads_for(numel):
-                return method.merge_readers(inputs, shared, per_model, compute, self.rows_per_chunk, out_dtype)
-        return self._elementwise(method, present, readers, compute, out_dtype)
+        uses_base = method.uses_base()
+        base = task.base_model
+        if uses_base and (base is None or readers.get(base) is None):
+            raise InputDataError(f"the base model {base} lacks key {name}")
+        others = [m for m in task.model_order if not (uses_base and m == base) and readers[m] is not None]
+        inputs = ReaderInputs(
+            tensor_name=name,
+            shape=tuple(self.shape),
+            base=readers[base] if uses_base and base is not None else None,
+            models=tuple(readers[m] for m in others),  # type: ignore[misc]
+            model_keys=tuple(mask_identity(m) for m in others),
+            labels=tuple(mask_identity(m) for m in others),
+        )
+        bound = bind_parameters(
+            method.spec, dict(task.parameters.items()), lambda model, key: task.input_parameters[model][key], others
+        )
+        rows = self.plan.rows_per_chunk(self.shape, len(task.model_order), compute)
+        return method.merge_readers(inputs, bound, compute, rows, out_dtype)
 
-    def _elementwise(self, method: Any, present, readers, compute, out_dtype) -> torch.Tensor:
-        """Row chunks through an elementwise mergekit method (linear, task_arithmetic)."""
+    def _elementwise(
+        self,
+        method: Any,
+        readers: Dict[ModelReference, Optional[RowReader]],
+        compute: torch.dtype,
+        out_dtype: Optional[torch.dtype],
+    ) -> torch.Tensor:
+        """Row chunks through an elementwise mergekit method (linear, task_arithmetic), called
+        through its public interface, which binds and validates the parameters itself."""
         task = self.merge
+        present = [m for m in task.model_order if readers[m] is not None]
         rows, _cols = rows_cols(torch.Size(self.shape))
+        step = self.plan.rows_per_chunk(self.shape, len(present), compute)
         output: Optional[torch.Tensor] = None
-        for start in range(0, rows, self.rows_per_chunk):
-            stop = min(rows, start + self.rows_per_chunk)
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
             entries = tuple(
-                TensorEntry(id=m, tensor=readers[m](start, stop), is_base=m == task.base_model) for m in present
+                TensorEntry(id=m, tensor=readers[m](start, stop), is_base=m == task.base_model)  # type: ignore[misc]
+                for m in present
             )
             group = TensorGroup(entries=entries, metadata=TensorMetadata(name=task.output_weight.name))
-            parameters = dict(task.parameters.items())
+            parameters: Dict[str, Any] = dict(task.parameters.items())
             for parameter in method.spec.input_parameters:
-                inputs = entries if parameter.scope == ParameterScope.INPUT else group.non_base
-                parameters[parameter.name] = PerInputValues(
-                    [(e.id, task.input_parameters[e.id][parameter.name]) for e in inputs]
-                )
-            (chunk,) = method._execute_resolved((group,), [parameters], dtype=compute, out_dtype=out_dtype or compute)
+                ids: List[ModelReference] = [
+                    e.id for e in (entries if parameter.scope == ParameterScope.INPUT else group.non_base)
+                ]
+                parameters[parameter.name] = {m: task.input_parameters[m][parameter.name] for m in ids}
+            (chunk,) = method((group,), parameters=parameters, dtype=compute, out_dtype=out_dtype or compute)
             if output is None:
                 output = torch.empty((rows,) + tuple(chunk.shape[1:]), dtype=chunk.dtype)
             output[start:stop] = chunk

@@ -19,7 +19,20 @@ import os
 import re
 import types
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union, get_args, get_origin
+from typing import (
+    Annotated,
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+    get_args,
+    get_origin,
+)
 
 import yaml
 
@@ -318,7 +331,7 @@ def _walk(value: Any, annotation: Any, where: str, source: str) -> None:
 def check_keys(raw: Dict[str, Any], source: str) -> None:
     """Unknown keys at the top level, in ``sdxl:``, in every models/slices/modules entry and
     in every model reference mapping, each with a "did you mean" hint."""
-    from mergekit.config import MergeConfiguration
+    from mergekit_sdxl.host.mergekit_api import MergeConfiguration
 
     from mergekit_sdxl.workflow.options import SDXLOptions
 
@@ -427,9 +440,9 @@ def _method_spec(name: Any, source: str):
     import mergekit_sdxl
 
     mergekit_sdxl.register()  # the plugin's methods must be in the registry
-    from mergekit.merge_methods import registry
+    from mergekit_sdxl.host.mergekit_api import registered_methods
 
-    methods = {m.spec.name: m for m in registry.registered_methods()}
+    methods = {m.spec.name: m for m in registered_methods()}
     if name is None:
         raise ConfigError(f"config {source}: no merge_method (known: {', '.join(sorted(methods))})")
     if not isinstance(name, str) or name not in methods:
@@ -560,7 +573,7 @@ def _check_scope(method: str, specs: Dict[str, Any], per_model: Dict[str, Any], 
 
 def _check_required(spec: Any, group: _Group, source: str) -> None:
     """Required parameters that no scope sets (mergekit fails on them only while planning)."""
-    from mergekit.merge_methods.base import BasePolicy, ParameterScope
+    from mergekit_sdxl.host.mergekit_api import BasePolicy, ParameterScope
 
     def set_in(scopes: Iterable[Tuple[str, Optional[Dict[str, Any]]]], name: str) -> bool:
         return any(params and name in params for _, params in scopes)
@@ -587,7 +600,7 @@ def _check_required(spec: Any, group: _Group, source: str) -> None:
 
 
 def _check_base_policy(spec: Any, groups: List[_Group], source: str) -> None:
-    from mergekit.merge_methods.base import BasePolicy
+    from mergekit_sdxl.host.mergekit_api import BasePolicy
 
     for group in groups:
         if spec.contract.base == BasePolicy.REQUIRED and group.base is None:
@@ -903,7 +916,7 @@ def _pydantic_validate(model: Any, data: Any, prefix: str, source: str) -> Any:
 
 def _mergekit_config(raw: Dict[str, Any], source: str) -> Any:
     """mergekit's MergeConfiguration of ``raw`` (``sdxl:`` checked against SDXLOptions)."""
-    from mergekit.config import MergeConfiguration
+    from mergekit_sdxl.host.mergekit_api import MergeConfiguration
 
     from mergekit_sdxl.workflow.options import SDXLOptions
 
