@@ -4,7 +4,9 @@ Importing this package is cheap (no torch, no mergekit). ``register()`` adds the
 merge methods, the SDXL architecture and single-file inputs to mergekit.
 """
 
-__version__ = "0.1.0"
+from mergekit_sdxl.version import __version__
+
+__all__ = ["__version__", "register"]
 
 
 def register() -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mergekit_sdxl.errors import OutputError, UsageError, UserError
+from mergekit_sdxl.version import __version__
 from mergekit_sdxl.host.checkpoint import is_checkpoint_file
 from mergekit_sdxl.host.merge_planning import plan_merge
 from mergekit_sdxl.host.mergekit_api import MergeConfiguration, MergeOptions, mergekit_version
@@ -234,8 +235,6 @@ def _metadata(
     out_path: str,
     keep_paths: bool,
 ) -> Dict[str, str]:
-    import mergekit_sdxl
-
     config = loaded.config
     recipe = loaded.text if keep_paths else publishable_recipe(loaded.text, [p for p, _ in roles])
     return build_metadata(
@@ -247,7 +246,7 @@ def _metadata(
         out_dtype=config.out_dtype or "float16",
         title=Path(out_path).stem,
         prediction_type=report.prediction_type,
-        plugin_version=mergekit_sdxl.__version__,
+        plugin_version=__version__,
         mergekit_version=mergekit_version(),
     )
 

@@ -437,10 +437,10 @@ def _groups(raw: Dict[str, Any], source: str) -> List[_Group]:
 
 
 def _method_spec(name: Any, source: str):
-    import mergekit_sdxl
-
-    mergekit_sdxl.register()  # the plugin's methods must be in the registry
     from mergekit_sdxl.host.mergekit_api import registered_methods
+    from mergekit_sdxl.host.plugin import register_all
+
+    register_all()  # the plugin's methods must be in the registry
 
     methods = {m.spec.name: m for m in registered_methods()}
     if name is None:
