@@ -1,4 +1,3 @@
-import time
 
 import pytest
 import torch
@@ -37,9 +36,7 @@ def test_scaled_shapes_rules():
 
 
 def test_write_synthetic(synthetic_sdxl_factory):
-    t = time.perf_counter()
     p = synthetic_sdxl_factory("a", seed=0)
-    elapsed = time.perf_counter() - t
     h = read_header(p)
     assert set(h.tensors) == set(SDXL_KEYS)
     shapes = synthetic_shapes(1 / 16)
@@ -48,7 +45,6 @@ def test_write_synthetic(synthetic_sdxl_factory):
     assert all(v.dtype == "F16" for k, v in h.tensors.items() if k != POS)
     assert h.metadata == {}
     assert 25e6 < h.file_size < 60e6
-    assert elapsed < 5  # ~0.7 s here; generous for slow CI
     with safe_open(str(p), "pt") as f:
         assert torch.equal(f.get_tensor(POS), torch.arange(77)[None])
         ls = f.get_tensor(G + "logit_scale")
