@@ -72,7 +72,9 @@ def _explain(label: str, got: dict, want: dict, sample_keys: Sequence[str]) -> s
     if got["tensors"] != want["tensors"] or got["names_sha256"] != want["names_sha256"]:
         lines.append(f"  tensor names differ: {got['tensors']} tensors vs {want['tensors']} in the golden output")
     else:
-        differing = [i for i in range(0, len(want["checks"]), 2) if got["checks"][i : i + 2] != want["checks"][i : i + 2]]
+        differing = [
+            i for i in range(0, len(want["checks"]), 2) if got["checks"][i : i + 2] != want["checks"][i : i + 2]
+        ]
         names = got["names"]
         if differing:
             first = names[differing[0] // 2]
@@ -82,10 +84,14 @@ def _explain(label: str, got: dict, want: dict, sample_keys: Sequence[str]) -> s
             )
             lines.append("  e.g. " + ", ".join(names[i // 2] for i in differing[:8]))
         else:
-            lines.append("  every per-tensor check byte matches: the difference hides in a tensor the 8-bit checks miss")
-    for key, g, w in zip(sample_keys, got["sample"], want["sample"]):
+            lines.append(
+                "  every per-tensor check byte matches: the difference hides in a tensor the 8-bit checks miss"
+            )
+    for key, g, w in zip(sample_keys, got["sample"], want["sample"], strict=True):
         if g != w:
-            lines.append(f"  sample {key}: {g.split(':')[0]} {g[-64:][:16]}... vs golden {w.split(':')[0]} {w[-64:][:16]}...")
+            lines.append(
+                f"  sample {key}: {g.split(':')[0]} {g[-64:][:16]}... vs golden {w.split(':')[0]} {w[-64:][:16]}..."
+            )
     return "\n".join(lines)
 
 
@@ -135,6 +141,9 @@ def golden_inputs(tmp_path_factory) -> Path:
 
 def test_generated_inputs_match_golden(golden_inputs):
     """If this fails, the synthetic generator changed and every merge below is meaningless."""
+    import mergekit_sdxl
+
+    print(f"mergekit_sdxl under test: {mergekit_sdxl.__file__}")
     for name, want in _DOC["inputs"].items():
         got = _digest(golden_inputs / name)
         assert got["sha256"] == want["sha256"], f"input {name}: write_synthetic_sdxl no longer writes the 22f19e4 bytes"

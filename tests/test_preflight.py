@@ -171,3 +171,34 @@ def test_inspect_file_reports_errors_not_exceptions(files, tmp_path):
     assert r.ok and r.detection.family == "sdxl-base" and r.autov2 == r.sha256[:10] and r.scan.total == 0
     d = r.to_dict()
     assert d["n_missing"] == 0 and d["nonfinite"]["total"] == 0 and d["family"] == "sdxl-base"
+
+
+def test_inpaint_is_refused_by_default_like_the_loader(files, tmp_path):
+    from mergekit_sdxl.sdxl.families import MERGEABLE_FAMILIES
+
+    assert MERGEABLE_FAMILIES == ("sdxl-base",)
+    in0 = U + "input_blocks.0.0.weight"
+    shape = read_header(files["base"]).tensors[in0].shape
+    inpaint = tmp_path / "inpaint.safetensors"
+    write_synthetic_sdxl(inpaint, width=W, seed=6, extra_keys={in0: torch.zeros(shape[0], 9, *shape[2:], dtype=torch.float16)})
+    with pytest.raises(PreflightError) as ei:
+        preflight([files["m1"], inpaint], base=files["base"])
+    assert len(ei.value.problems) == 1
+    assert str(inpaint) in ei.value.problems[0] and "SDXL inpainting" in ei.value.problems[0]
+    # callers that do handle inpainting can still ask for it
+    rep = preflight([inpaint], families=("sdxl-inpaint",))
+    assert rep.family == "sdxl-inpaint"
+
+
+def test_scan_reads_every_float8_kind(tmp_path):
+    p = tmp_path / "f8.safetensors"
+    tensors = {
+        "e4m3": torch.tensor([float("nan"), 1.0]).to(torch.float8_e4m3fn),
+        "e5m2": torch.tensor([float("inf"), 1.0]).to(torch.float8_e5m2),
+        "ids": torch.arange(4),
+    }
+    if hasattr(torch, "float8_e8m0fnu"):  # torch >= 2.7: finite in F8_E8M0, inf if scanned as float16
+        tensors["e8m0"] = torch.tensor([2.0**100, 1.0]).to(torch.float8_e8m0fnu)
+    save_file(tensors, str(p))
+    res = scan_nonfinite(p)
+    assert res.per_key == {"e4m3": 1, "e5m2": 1} and res.tensors_read == len(tensors) - 1

@@ -109,3 +109,28 @@ def test_classify_rejects_model_keys():
         classify_extra_key("model.diffusion_model.out.2.weight")
     with pytest.raises(ValueError):
         classify_extra_key(TEXT_PROJECTION_ALT_KEY)
+
+
+def test_canonical_keys_prefer_the_manifest_spelling():
+    from mergekit_sdxl.sdxl.header import TensorInfo
+    from mergekit_sdxl.sdxl.keys import canonical_keys, canonical_shapes
+
+    other = next(iter(SDXL_KEYS))
+    for order in ((TEXT_PROJECTION_ALT_KEY, TEXT_PROJECTION_KEY), (TEXT_PROJECTION_KEY, TEXT_PROJECTION_ALT_KEY)):
+        stored = (other, "v_pred", *order)
+        assert canonical_keys(stored) == {other: other, TEXT_PROJECTION_KEY: TEXT_PROJECTION_KEY}
+    assert canonical_keys([TEXT_PROJECTION_ALT_KEY, "model_ema.decay"]) == {TEXT_PROJECTION_KEY: TEXT_PROJECTION_ALT_KEY}
+    tensors = {
+        TEXT_PROJECTION_ALT_KEY: TensorInfo("F16", (3, 4), (0, 24)),
+        POSITION_IDS_KEY: TensorInfo("F32", (77,), (24, 332)),
+        "v_pred": TensorInfo("U8", (0,), (332, 332)),
+    }
+    assert canonical_shapes(tensors) == {TEXT_PROJECTION_KEY: (4, 3), POSITION_IDS_KEY: (1, 77)}
+
+
+def test_position_ids_key_has_one_source():
+    from mergekit_sdxl.sdxl import keys, manifest, tiny
+
+    assert keys.POSITION_IDS_KEY is manifest.POSITION_IDS_KEY is tiny.POSITION_IDS_KEY
+    assert SDXL_KEYS[POSITION_IDS_KEY] == (manifest.POSITION_IDS_SHAPE, manifest.POSITION_IDS_DTYPE)
+    assert POSITION_IDS_KEY in manifest.OPTIONAL_KEYS

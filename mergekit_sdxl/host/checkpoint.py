@@ -26,13 +26,14 @@ from transformers import PretrainedConfig
 from mergekit_sdxl.host.mergekit_api import LazyTensorLoader, ShardedTensorIndex, ShardInfo
 from mergekit_sdxl.io.writer import TORCH_DTYPES
 from mergekit_sdxl.sdxl import keys as sdxl_keys
+from mergekit_sdxl.sdxl.families import MERGEABLE_FAMILIES, family_label
 from mergekit_sdxl.sdxl.header import CheckpointError, read_header
+from mergekit_sdxl.sdxl.manifest import POSITION_IDS_DTYPE, POSITION_IDS_KEY, POSITION_IDS_SHAPE
 
 LOG = logging.getLogger(__name__)
 
 ARCHITECTURE_NAME = "SDXLCheckpoint"
 MODEL_TYPE = "sdxl_checkpoint"
-POSITION_IDS_KEY = sdxl_keys.POSITION_IDS_KEY
 
 
 def is_checkpoint_file(path: str) -> bool:
@@ -101,8 +102,8 @@ class SDXLCheckpointIndex(ShardedTensorIndex):
                 ", ".join(sorted(dropped)[:3]),
             )
         # position_ids is a constant buffer: always present, whatever the file holds.
-        shapes[POSITION_IDS_KEY] = (1, 77)
-        dtypes[POSITION_IDS_KEY] = "I64"
+        shapes[POSITION_IDS_KEY] = POSITION_IDS_SHAPE
+        dtypes[POSITION_IDS_KEY] = POSITION_IDS_DTYPE
         shard = os.path.basename(path)
         tensor_paths = {name: shard for name in list(stored_names) + [POSITION_IDS_KEY]}
         return cls(
@@ -265,10 +266,10 @@ def _read_checkpoint_config(path: str) -> SDXLCheckpointConfig:
 
     header = read_header(path)
     detection = detect(header)
-    if detection.family not in ("sdxl-base",):
+    if detection.family not in MERGEABLE_FAMILIES:
         raise CheckpointError(
             path,
-            f"not an SDXL base-family checkpoint (detected: {detection.family}); "
+            f"not an SDXL base-family checkpoint (detected: {family_label(detection.family)}); "
             "only SDXL 1.0-family files can be merged",
         )
     return SDXLCheckpointConfig(checkpoint_path=os.path.abspath(path), v_pred=detection.v_pred, ztsnr=detection.ztsnr)

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mergekit_sdxl.errors import OutputError, UsageError, UserError
-from mergekit_sdxl.version import __version__
 from mergekit_sdxl.host.checkpoint import is_checkpoint_file
 from mergekit_sdxl.host.merge_planning import plan_merge
 from mergekit_sdxl.host.mergekit_api import MergeConfiguration, MergeOptions, mergekit_version
@@ -37,6 +36,8 @@ from mergekit_sdxl.io.provenance import InputInfo, build_metadata, input_info, p
 from mergekit_sdxl.io.safe_write import describe_os_error
 from mergekit_sdxl.io.writer import StreamingCheckpointWriter, WriteResult
 from mergekit_sdxl.kernels.memory_plan import MemoryPlan
+from mergekit_sdxl.sdxl.families import MERGEABLE_FAMILIES
+from mergekit_sdxl.version import __version__
 from mergekit_sdxl.workflow.options import SDXLOptions
 from mergekit_sdxl.workflow.preflight import PreflightReport, preflight
 
@@ -221,7 +222,7 @@ def _preflight(loaded: LoadedConfig, roles: Sequence[Tuple[str, str]], scan: boo
         base=Path(base) if base else None,
         allow_vpred_mix=loaded.sdxl.allow_vpred_mix,
         scan=scan,
-        families=("sdxl-base",),  # the loader merges SDXL base-family files only
+        families=MERGEABLE_FAMILIES,  # what the loader merges
     )
     LOG.info("%s", report.summary())
     return report

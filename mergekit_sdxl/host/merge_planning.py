@@ -29,6 +29,7 @@ from mergekit_sdxl.host.mergekit_api import (
 from mergekit_sdxl.host.planner import SDXLMergePlanner, SDXLRules
 from mergekit_sdxl.host.tasks import DonorTensor, MergeKeyTask, OutputTensor, PositionIds
 from mergekit_sdxl.io.writer import TensorEntrySpec
+from mergekit_sdxl.sdxl.manifest import POSITION_IDS_SHAPE
 
 LOG = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def _layout(saves: Sequence[Any], out_dtype: str, flags: Sequence[str]) -> Plann
 def _output_shape(name: str, task: Any, optional: bool) -> Any:
     """The key's shape in the output, or None for an optional key no input has."""
     if isinstance(task, PositionIds):
-        return (1, 77)
+        return POSITION_IDS_SHAPE
     if isinstance(task, DonorTensor):
         index = LoaderCache().get(task.model).index
         if name not in index.tensor_paths:

@@ -332,7 +332,6 @@ def check_keys(raw: Dict[str, Any], source: str) -> None:
     """Unknown keys at the top level, in ``sdxl:``, in every models/slices/modules entry and
     in every model reference mapping, each with a "did you mean" hint."""
     from mergekit_sdxl.host.mergekit_api import MergeConfiguration
-
     from mergekit_sdxl.workflow.options import SDXLOptions
 
     _check_mapping_keys(raw, MergeConfiguration, "", source, extra=("sdxl",))
@@ -917,7 +916,6 @@ def _pydantic_validate(model: Any, data: Any, prefix: str, source: str) -> Any:
 def _mergekit_config(raw: Dict[str, Any], source: str) -> Any:
     """mergekit's MergeConfiguration of ``raw`` (``sdxl:`` checked against SDXLOptions)."""
     from mergekit_sdxl.host.mergekit_api import MergeConfiguration
-
     from mergekit_sdxl.workflow.options import SDXLOptions
 
     _pydantic_validate(SDXLOptions, raw.get("sdxl") or {}, "sdxl", source)

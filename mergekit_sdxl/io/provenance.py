@@ -32,6 +32,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+# The metadata vocabulary (key names, read_provenance) is a format fact of the sdxl layer;
+# re-exported here, where callers have always imported it from.
+from mergekit_sdxl.sdxl.merge_metadata import (
+    A1111_MODELS,
+    A1111_RECIPE,
+    META_DTYPE,
+    META_INPUTS,
+    META_MERGEKIT_VERSION,
+    META_METHOD,
+    META_OUT_DTYPE,
+    META_RECIPE,
+    META_SEED,
+    META_VERSION,
+    MODELSPEC_PREDICTION_TYPE,
+    MODELSPEC_PREFIX,
+    normalise_prediction_type,
+    read_provenance,
+)
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -51,20 +70,10 @@ __all__ = [
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-META_RECIPE = "mergekit_sdxl.recipe"
-META_VERSION = "mergekit_sdxl.version"
-META_MERGEKIT_VERSION = "mergekit.version"
-META_INPUTS = "mergekit_sdxl.inputs"
-META_METHOD = "mergekit_sdxl.method"
-META_SEED = "mergekit_sdxl.seed"
-META_DTYPE = "mergekit_sdxl.dtype"
-META_OUT_DTYPE = "mergekit_sdxl.out_dtype"
-
 MODELSPEC_VERSION = "1.0.0"
 MODELSPEC_ARCHITECTURE = "stable-diffusion-xl-v1-base"
 MODELSPEC_IMPLEMENTATION = "sgm"
 MODELSPEC_RESOLUTION = "1024x1024"
-_PREDICTION_TYPES = {"epsilon": "epsilon", "eps": "epsilon", "v": "v", "v_prediction": "v", "v-prediction": "v"}
 
 
 @dataclass(frozen=True)
@@ -180,7 +189,7 @@ def _recipe_parameters(recipe_yaml: str) -> Dict[str, Any]:
 
 
 def _normalise_prediction(prediction_type: str) -> str:
-    p = _PREDICTION_TYPES.get(str(prediction_type).strip().lower())
+    p = normalise_prediction_type(prediction_type)
     if p is None:
         raise ValueError(f"prediction_type must be 'epsilon' or 'v', got {prediction_type!r}")
     return p
@@ -205,9 +214,8 @@ def build_metadata(
     ``inputs`` in config order (the base first by convention, ``role="base"``).
     """
     if plugin_version is None:
-        import mergekit_sdxl
-
-        plugin_version = mergekit_sdxl.__version__
+        # version.py, not the package root: the root's register() reaches host/ and mergekit.
+        from mergekit_sdxl.version import __version__ as plugin_version
     if mergekit_version is None:
         mergekit_version = _package_version("mergekit")
     seed_s = "" if seed is None else str(seed)
@@ -241,17 +249,17 @@ def build_metadata(
         META_DTYPE: str(dtype or ""),
         META_OUT_DTYPE: str(out_dtype or ""),
         META_INPUTS: _dumps(records),
-        "sd_merge_recipe": _dumps(recipe_a1111),
-        "sd_merge_models": _dumps(models),
-        "modelspec.sai_model_spec": MODELSPEC_VERSION,
-        "modelspec.architecture": MODELSPEC_ARCHITECTURE,
-        "modelspec.implementation": MODELSPEC_IMPLEMENTATION,
-        "modelspec.title": title,
-        "modelspec.resolution": MODELSPEC_RESOLUTION,
-        "modelspec.prediction_type": pred,
+        A1111_RECIPE: _dumps(recipe_a1111),
+        A1111_MODELS: _dumps(models),
+        MODELSPEC_PREFIX + "sai_model_spec": MODELSPEC_VERSION,
+        MODELSPEC_PREFIX + "architecture": MODELSPEC_ARCHITECTURE,
+        MODELSPEC_PREFIX + "implementation": MODELSPEC_IMPLEMENTATION,
+        MODELSPEC_PREFIX + "title": title,
+        MODELSPEC_PREFIX + "resolution": MODELSPEC_RESOLUTION,
+        MODELSPEC_PREDICTION_TYPE: pred,
     }
     if description:
-        meta["modelspec.description"] = description
+        meta[MODELSPEC_PREFIX + "description"] = description
     for k, v in meta.items():
         if not isinstance(v, str):  # pragma: no cover - guarded by construction
             raise TypeError(f"metadata {k} is {type(v).__name__}, not str")
@@ -300,8 +308,8 @@ def render_model_card(
     recipe = metadata.get(META_RECIPE, "")
     method = metadata.get(META_METHOD, "")
     params = _recipe_parameters(recipe)
-    title = metadata.get("modelspec.title") or out.stem
-    pred = metadata.get("modelspec.prediction_type", "epsilon")
+    title = metadata.get(MODELSPEC_PREFIX + "title") or out.stem
+    pred = metadata.get(MODELSPEC_PREDICTION_TYPE, "epsilon")
     cfg = config_name or "config.yaml"
     cmd = command or f"mergekit-sdxl merge {shlex.quote(cfg)} {shlex.quote(out.name)}"
     lines: List[str] = [
@@ -324,7 +332,7 @@ def render_model_card(
         f"| file | `{out.name}` |",
         f"| sha256 | `{result_sha256}` |",
         f"| AutoV2 | `{autov2}` |",
-        f"| architecture | {metadata.get('modelspec.architecture', MODELSPEC_ARCHITECTURE)} |",
+        f"| architecture | {metadata.get(MODELSPEC_PREFIX + 'architecture', MODELSPEC_ARCHITECTURE)} |",
         f"| prediction type | {pred} |",
         f"| merge method | `{method}` |",
         f"| seed | {metadata.get(META_SEED, '') or '-'} |",
@@ -432,49 +440,3 @@ def is_merge_output(path: PathLike) -> bool:
         return META_RECIPE in read_header(path).metadata
     except CheckpointError:
         return False
-
-
-def read_provenance(metadata: Mapping[str, str]) -> Optional[Dict[str, Any]]:
-    """What a file's ``__metadata__`` says about how it was merged, or None.
-
-    Ours (``mergekit_sdxl.recipe``) first: ``{"tool": "mergekit-sdxl", "version", "mergekit_version",
-    "method", "seed", "dtype", "out_dtype", "recipe" (YAML text), "inputs" (list of dicts),
-    "modelspec" (dict)}``; else A1111/SuperMerger's ``sd_merge_recipe``: ``{"tool": "a1111",
-    "recipe" (parsed JSON), "inputs": [{"name", "sha256", "legacy_hash"}]}``. Malformed JSON values
-    are kept as their raw strings.
-    """
-    if not metadata:
-        return None
-
-    def _json(s: Optional[str]) -> Any:
-        if s is None:
-            return None
-        try:
-            return json.loads(s)
-        except (TypeError, ValueError, RecursionError):  # a hostile file's deeply nested JSON
-            return s
-
-    modelspec = {k[len("modelspec."):]: v for k, v in metadata.items() if k.startswith("modelspec.")}
-    if META_RECIPE in metadata:
-        inputs = _json(metadata.get(META_INPUTS))
-        return {
-            "tool": "mergekit-sdxl",
-            "version": metadata.get(META_VERSION),
-            "mergekit_version": metadata.get(META_MERGEKIT_VERSION),
-            "method": metadata.get(META_METHOD),
-            "seed": metadata.get(META_SEED),
-            "dtype": metadata.get(META_DTYPE),
-            "out_dtype": metadata.get(META_OUT_DTYPE),
-            "recipe": metadata[META_RECIPE],
-            "inputs": inputs if isinstance(inputs, list) else [],
-            "modelspec": modelspec,
-        }
-    if "sd_merge_recipe" in metadata:
-        models = _json(metadata.get("sd_merge_models"))
-        inputs = []
-        if isinstance(models, dict):
-            for sha, info in models.items():
-                info = info if isinstance(info, dict) else {}
-                inputs.append({"name": info.get("name"), "sha256": sha, "legacy_hash": info.get("legacy_hash")})
-        return {"tool": "a1111", "recipe": _json(metadata["sd_merge_recipe"]), "inputs": inputs, "modelspec": modelspec}
-    return None

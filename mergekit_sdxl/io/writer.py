@@ -38,6 +38,8 @@ from mergekit_sdxl.io.journal import (
 )
 from mergekit_sdxl.io.safe_write import create_exclusive, describe_os_error, open_existing_nofollow
 from mergekit_sdxl.io.signals import signals_deferred
+from mergekit_sdxl.sdxl.dtypes import torch_dtypes
+from mergekit_sdxl.sdxl.header import MAX_HEADER_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -57,34 +59,13 @@ __all__ = [
 
 _MiB = 1024 * 1024
 _HASH_CHUNK = 16 * _MiB
-_MAX_HEADER = 100_000_000
 
-# torch dtype -> safetensors dtype name. Optional dtypes only where this torch has them.
-DTYPE_NAMES: Dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-for _attr, _name in (
-    ("float8_e4m3fn", "F8_E4M3"),
-    ("float8_e5m2", "F8_E5M2"),
-    ("uint16", "U16"),
-    ("uint32", "U32"),
-    ("uint64", "U64"),
-):
-    if hasattr(torch, _attr):
-        DTYPE_NAMES[getattr(torch, _attr)] = _name
-
-
+# Both directions of the one dtype table (mergekit_sdxl.sdxl.dtypes), for the dtypes this torch
+# has; kept as module names because callers import them from here.
 # safetensors dtype name -> torch dtype (manifests and headers speak in these names).
-TORCH_DTYPES: Dict[str, torch.dtype] = {v: k for k, v in DTYPE_NAMES.items()}
+TORCH_DTYPES: Dict[str, torch.dtype] = torch_dtypes()
+# torch dtype -> safetensors dtype name.
+DTYPE_NAMES: Dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
 
 
 class TensorEntrySpec(NamedTuple):
@@ -141,7 +122,7 @@ def _normalize(entries: Sequence[TensorEntrySpec]) -> List[TensorEntrySpec]:
                 raise ValueError(f"{name}: unknown safetensors dtype {dtype!r}")
             dtype = TORCH_DTYPES[dtype]
         if dtype not in DTYPE_NAMES:
-            raise ValueError(f"{name}: dtype {dtype} has no safetensors equivalent")
+            raise ValueError(f"{name}: dtype {dtype} cannot be written (safetensors float, integer and bool dtypes only)")
         shape_t = tuple(int(d) for d in shape)
         if any(d < 0 for d in shape_t):
             raise ValueError(f"{name}: negative dimension in shape {shape_t}")
@@ -406,7 +387,7 @@ class StreamingCheckpointWriter:
                     return head
                 n = int.from_bytes(head, "little")
                 # safetensors caps headers at 100 MB; a garbage length must not make us read GBs.
-                return head + fh.read(min(n, _MAX_HEADER))
+                return head + fh.read(min(n, MAX_HEADER_SIZE))
         except OSError:
             return b""
 

@@ -31,11 +31,14 @@ narrower than SDXL's) is checked for tensor rank only.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from .dtypes import DTYPES, is_float, torch_dtype_name
+from .families import FAMILIES, KEY_CHECKED_FAMILIES, SDXL_BASE_FAMILY, SDXL_INPAINT_FAMILY, Family
 from .header import SafetensorsHeader
-from .keys import FLAG_KEYS, canonical_name, canonical_shape, classify_extra_key
+from .keys import FLAG_KEYS, canonical_name, canonical_shapes, classify_extra_key
 from .manifest import COMPONENT_PREFIXES, OPTIONAL_KEYS, SDXL_KEYS
+from .merge_metadata import MODELSPEC_PREDICTION_TYPE, normalise_prediction_type, read_provenance
 
 __all__ = [
     "Family",
@@ -48,9 +51,7 @@ __all__ = [
     "merged_recipe_of",
 ]
 
-Family = Literal["sdxl-base", "sdxl-inpaint", "sdxl-refiner", "sd1", "sd2", "sd3", "flux", "unknown"]
-FAMILIES: Tuple[str, ...] = ("sdxl-base", "sdxl-inpaint", "sdxl-refiner", "sd1", "sd2", "sd3", "flux", "unknown")
-SDXL_BASE_FAMILY = "sdxl-base"
+# Family, FAMILIES and SDXL_BASE_FAMILY are re-exported from .families (the family facts).
 
 _UNET = COMPONENT_PREFIXES["unet"]
 _CLIP_G = COMPONENT_PREFIXES["clip_g"]
@@ -66,19 +67,8 @@ _FULL_CLIP_G_TOKEN = (49408, 1280)
 _FLAG_NAMES = frozenset(FLAG_KEYS)
 _VPRED_KEYS = ("v_pred", "edm_vpred.sigma_max")
 
-# safetensors dtype -> torch dtype name, for float dtypes.
-FLOAT_DTYPES: Dict[str, str] = {
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "F32": "float32",
-    "F64": "float64",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-}
-
-def torch_dtype_name(st_dtype: str) -> str:
-    """``"F16"`` -> ``"float16"``; non-float dtypes are returned lower-cased (``"i64"``)."""
-    return FLOAT_DTYPES.get(st_dtype, st_dtype.lower())
+# safetensors dtype -> torch dtype name, for float dtypes (derived from .dtypes; kept importable).
+FLOAT_DTYPES: Dict[str, str] = {n: torch_dtype_name(n) for n in DTYPES if is_float(n)}
 
 
 @dataclass
@@ -178,7 +168,7 @@ def _family(header: SafetensorsHeader, notes: List[str]) -> Tuple[str, Optional[
 def _majority_dtype(header: SafetensorsHeader, notes: List[str]) -> str:
     counts: Dict[str, int] = {}
     for name, info in header.tensors.items():
-        if info.dtype in FLOAT_DTYPES and info.numel > 0 and name not in _FLAG_NAMES:
+        if is_float(info.dtype) and info.numel > 0 and name not in _FLAG_NAMES:
             counts[info.dtype] = counts.get(info.dtype, 0) + info.numel
     if not counts:
         return "unknown"
@@ -208,15 +198,11 @@ def _shape_ok(expected: Tuple[int, ...], got: Tuple[int, ...], scaled: bool) -> 
 
 
 def _key_diff(header: SafetensorsHeader, family: str, scaled: bool, det: Detection) -> None:
-    present: Dict[str, Tuple[int, ...]] = {}
+    present = canonical_shapes(header.tensors)
     extra: List[str] = []
     kinds: Dict[str, int] = {}
-    for name, info in header.tensors.items():
-        canon = canonical_name(name)
-        if canon is not None:
-            # the sgm name wins over its .weight variant when a file carries both
-            if canon not in present or name == canon:
-                present[canon] = canonical_shape(canon, name, tuple(info.shape))
+    for name in header.tensors:
+        if canonical_name(name) is not None:
             continue
         kind = classify_extra_key(name)
         if kind.startswith("flag:"):
@@ -231,7 +217,7 @@ def _key_diff(header: SafetensorsHeader, family: str, scaled: bool, det: Detecti
         if got is None:
             (missing_opt if key in OPTIONAL_KEYS else missing).append(key)
             continue
-        if family == "sdxl-inpaint" and key == IN0_KEY:
+        if family == SDXL_INPAINT_FAMILY and key == IN0_KEY:
             continue  # 9 input channels by definition
         if not _shape_ok(tuple(spec.shape), got, scaled):
             wrong.append((key, tuple(spec.shape), got))
@@ -245,10 +231,8 @@ def _key_diff(header: SafetensorsHeader, family: str, scaled: bool, det: Detecti
 def merged_recipe_of(metadata: Mapping[str, str]) -> Optional[Dict[str, Any]]:
     """The merge recipe a file's ``__metadata__`` records (ours or A1111's), or None.
 
-    See :func:`mergekit_sdxl.io.provenance.read_provenance` (pure JSON parsing, no file access).
+    See :func:`mergekit_sdxl.sdxl.merge_metadata.read_provenance` (pure parsing, no file access).
     """
-    from mergekit_sdxl.io.provenance import read_provenance
-
     return read_provenance(metadata)
 
 
@@ -258,9 +242,9 @@ def detect(header: SafetensorsHeader) -> Detection:
     family, in_ch = _family(header, notes)
     names = header.tensors
     v_pred = any(k in names for k in _VPRED_KEYS)
-    if not v_pred and header.metadata.get("modelspec.prediction_type", "").lower() in ("v", "v_prediction"):
+    if not v_pred and normalise_prediction_type(header.metadata.get(MODELSPEC_PREDICTION_TYPE, "")) == "v":
         v_pred = True
-        notes.append("v-prediction from modelspec.prediction_type metadata (no v_pred key)")
+        notes.append(f"v-prediction from {MODELSPEC_PREDICTION_TYPE} metadata (no v_pred key)")
     if "edm_mean" in names:
         notes.append("Playground v2.5-style EDM model (edm_mean/edm_std)")
     det = Detection(
@@ -273,7 +257,7 @@ def detect(header: SafetensorsHeader) -> Detection:
         notes=notes,
         merged_recipe=merged_recipe_of(header.metadata),
     )
-    if family in ("sdxl-base", "sdxl-inpaint"):
+    if family in KEY_CHECKED_FAMILIES:
         det.scaled = _is_scaled(header)
         _key_diff(header, family, det.scaled, det)
     return det

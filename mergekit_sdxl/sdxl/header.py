@@ -10,8 +10,8 @@ the rules of safetensors' own reader (``SafeTensors::read_metadata`` / ``Metadat
   non-blank character is ``{``; no ``NaN``/``Infinity`` literals, no lone surrogate escapes;
 * ``__metadata__`` (optional, may be ``null``) maps strings to strings;
 * every other key is a tensor ``{"dtype", "shape", "data_offsets"}``: a dtype of
-  :data:`DTYPE_SIZES`, dims and offsets non-negative JSON integers below 2**64, no overflow of the
-  element count, ``end - start`` = elements x dtype size;
+  :data:`~mergekit_sdxl.sdxl.dtypes.DTYPE_SIZES`, dims and offsets non-negative JSON integers
+  below 2**64, no overflow of the element count, ``end - start`` = elements x dtype size;
 * sorted by offset, the tensors tile the data section exactly: contiguous from 0, no overlap, no
   gap, the last one ending at the end of the file.
 
@@ -35,6 +35,8 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 from mergekit_sdxl.errors import UserError
 from mergekit_sdxl.text import printable
 
+from .dtypes import DTYPE_SIZES, SUBBYTE_DTYPES
+
 __all__ = [
     "CheckpointError",
     "TensorInfo",
@@ -47,29 +49,7 @@ __all__ = [
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-# Bytes per element of each safetensors dtype this package reads: the one dtype table of this
-# layer. Names and sizes as in safetensors' ``Dtype`` enum (sub-byte F4/F6_* are left out).
-DTYPE_SIZES: Dict[str, int] = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "F8_E8M0": 1,
-    "F8_E4M3FNUZ": 1,
-    "F8_E5M2FNUZ": 1,
-    "I16": 2,
-    "U16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "I32": 4,
-    "U32": 4,
-    "F32": 4,
-    "I64": 8,
-    "U64": 8,
-    "F64": 8,
-    "C64": 8,
-}
+# DTYPE_SIZES (safetensors name -> bytes per element) is re-exported from .dtypes, the one table.
 
 # Refuse absurd header lengths before allocating (safetensors' own limit).
 MAX_HEADER_SIZE = 100_000_000
@@ -82,7 +62,6 @@ _U64_MAX = 2**64 - 1
 _MAX_INT_DIGITS = len(str(_U64_MAX))  # 20: longer integer literals cannot be valid
 _ENTRY_FIELDS = ("data_offsets", "dtype", "shape")
 _ENTRY_FIELD_SET = frozenset(_ENTRY_FIELDS)
-_SUBBYTE_DTYPES = frozenset({"F4", "F6_E2M3", "F6_E3M2"})  # only to word the error
 _MAX_SHOWN = 200  # characters of a file-supplied string quoted in an error message
 
 # Nesting check (on the raw bytes: UTF-8 multi-byte sequences never contain ASCII, so '"', '\\'
@@ -293,7 +272,7 @@ def _tensor_info(
     dtype, shape, offsets = info
     size = DTYPE_SIZES.get(dtype)
     if size is None:
-        if dtype in _SUBBYTE_DTYPES:
+        if dtype in SUBBYTE_DTYPES:
             raise CheckpointError(path, f"unsupported sub-byte dtype {dtype!r}", key=name)
         raise CheckpointError(
             path, f"unknown dtype {_shown(dtype)} (expected one of {', '.join(DTYPE_SIZES)})", key=name

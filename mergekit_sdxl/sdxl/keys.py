@@ -14,11 +14,14 @@ Typical use over a header::
 from __future__ import annotations
 
 import re
-from typing import FrozenSet, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, FrozenSet, Iterable, Mapping, Optional, Tuple
 
 import torch
 
-from .manifest import SDXL_KEYS, load_variant_keys
+from .manifest import POSITION_IDS_KEY, POSITION_IDS_SHAPE, SDXL_KEYS, load_variant_keys
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .header import TensorInfo
 
 __all__ = [
     "FLAG_KEYS",
@@ -28,6 +31,8 @@ __all__ = [
     "TEXT_PROJECTION_ALT_KEY",
     "VAE_ATTENTION_WEIGHTS",
     "canonical_name",
+    "canonical_keys",
+    "canonical_shapes",
     "canonicalize_tensor",
     "canonical_shape",
     "position_ids",
@@ -37,7 +42,7 @@ __all__ = [
 FLAG_KEYS: Tuple[str, ...] = ("v_pred", "ztsnr")
 EXTRA_KINDS: Tuple[str, ...] = ("flag:v_pred", "flag:ztsnr", "ema", "lora", "schedule", "other")
 
-POSITION_IDS_KEY = "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"
+# POSITION_IDS_KEY is defined in .manifest (re-exported here, where it always was importable).
 TEXT_PROJECTION_KEY = "conditioner.embedders.1.model.text_projection"
 TEXT_PROJECTION_ALT_KEY = "conditioner.embedders.1.model.text_projection.weight"
 
@@ -63,9 +68,32 @@ def canonical_name(stored_key: str) -> Optional[str]:
     return _ALIASES.get(stored_key)
 
 
+def canonical_keys(stored_keys: Iterable[str]) -> Dict[str, str]:
+    """Manifest name -> the stored key that provides it, for the model tensors among ``stored_keys``.
+
+    The one rule for a file that carries both spellings (``text_projection`` and its ``.weight``
+    variant): the manifest spelling wins. Order: first appearance of each manifest name.
+    """
+    out: Dict[str, str] = {}
+    for stored in stored_keys:
+        canon = canonical_name(stored)
+        if canon is not None and (canon not in out or stored == canon):
+            out[canon] = stored
+    return out
+
+
+def canonical_shapes(tensors: Mapping[str, TensorInfo]) -> Dict[str, Tuple[int, ...]]:
+    """Manifest name -> shape after key hygiene (:func:`canonical_shape`) of a header's tensors:
+    the shapes a merge sees. Stored keys outside the manifest are left out."""
+    return {
+        canon: canonical_shape(canon, stored, tuple(tensors[stored].shape))
+        for canon, stored in canonical_keys(tensors).items()
+    }
+
+
 def position_ids() -> torch.Tensor:
     """The canonical CLIP-L ``position_ids``: int64 ``arange(77)[None]`` (shape [1, 77])."""
-    return torch.arange(77, dtype=torch.int64)[None]
+    return torch.arange(POSITION_IDS_SHAPE[1], dtype=torch.int64)[None]
 
 
 def canonicalize_tensor(canonical_key: str, stored_key: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -92,7 +120,7 @@ def canonical_shape(canonical_key: str, stored_key: str, shape: Tuple[int, ...])
     """Shape :func:`canonicalize_tensor` would produce, from header information only."""
     shape = tuple(shape)
     if canonical_key == POSITION_IDS_KEY:
-        return (1, 77)
+        return POSITION_IDS_SHAPE
     if canonical_key == TEXT_PROJECTION_KEY and stored_key == TEXT_PROJECTION_ALT_KEY and len(shape) == 2:
         return shape[::-1]
     if canonical_key in VAE_ATTENTION_WEIGHTS and len(shape) == 2:

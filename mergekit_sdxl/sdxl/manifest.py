@@ -19,6 +19,10 @@ __all__ = [
     "NUM_LAYERS",
     "BLOCK_IDS",
     "OPTIONAL_KEYS",
+    "POSITION_IDS_KEY",
+    "POSITION_IDS_SHAPE",
+    "POSITION_IDS_DTYPE",
+    "LOGIT_SCALE_KEY",
     "component_of",
     "block_of",
     "layer_of",
@@ -96,11 +100,19 @@ SDXL_KEYS: Mapping[str, KeySpec] = _LazyKeys()
 _CL = COMPONENT_PREFIXES["clip_l"] + "text_model."
 _CG = COMPONENT_PREFIXES["clip_g"]
 
+# CLIP-L's position_ids buffer: a constant (int64 arange(77)[None]), never merged. Defined here, the
+# bottom of the sdxl import graph, so that every module names it from one place.
+POSITION_IDS_KEY = "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"
+POSITION_IDS_SHAPE: Tuple[int, int] = (1, 77)
+POSITION_IDS_DTYPE = "I64"  # safetensors name
+# CLIP-G's scalar logit scale (SDXL never reads it for generation: optional below).
+LOGIT_SCALE_KEY = _CG + "logit_scale"
+
 # Keys of the 2515-key standard file that real files may lack (SDXL never reads them for
 # generation, or they are buffers). Kept deliberately narrow: CLIP-G ln_final / text_projection /
 # resblocks.31 feed the pooled embedding SDXL does use, so they are NOT optional here.
 OPTIONAL_KEYS: frozenset = frozenset(
-    [_CL + "embeddings.position_ids", _CG + "logit_scale", _CL + "final_layer_norm.weight", _CL + "final_layer_norm.bias"]
+    [POSITION_IDS_KEY, LOGIT_SCALE_KEY, _CL + "final_layer_norm.weight", _CL + "final_layer_norm.bias"]
     + [
         _CL + f"encoder.layers.11.{m}.{p}"
         for m in (

@@ -17,7 +17,8 @@ from typing import Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import torch
 
-from .manifest import SDXL_KEYS
+from .keys import position_ids
+from .manifest import LOGIT_SCALE_KEY, POSITION_IDS_KEY, POSITION_IDS_SHAPE, SDXL_KEYS
 
 __all__ = [
     "synthetic_shapes",
@@ -35,8 +36,6 @@ __all__ = [
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-POSITION_IDS_KEY = "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"
-LOGIT_SCALE_KEY = "conditioner.embedders.1.model.logit_scale"
 _LOGIT_SCALE = 4.6052  # ln(100), what OpenCLIP ships
 
 # Dimensions that never scale: vocab rows, token positions.
@@ -162,8 +161,8 @@ def _synthetic_tensors(shapes, seed, dtype, base, base_sd, noise, drop) -> Dict[
     for key, shape in shapes.items():
         if key in drop:
             continue
-        if key == POSITION_IDS_KEY:
-            tensors[key] = torch.arange(shape[-1], dtype=torch.int64).reshape(shape)
+        if key == POSITION_IDS_KEY:  # never scaled (77 is a fixed dim): the canonical buffer
+            tensors[key] = position_ids()
             continue
         if base_sd is not None and key in base_sd:
             b = base_sd[key]
@@ -458,7 +457,7 @@ def tiny_shapes() -> Dict[str, Tuple[Tuple[int, ...], bool]]:
             if name in spec and spec[name][0] != shape:
                 raise AssertionError(f"inconsistent tiny shape for {name}")
             spec[name] = (shape, dkey in norm_params)
-    spec[POSITION_IDS_KEY] = ((1, 77), False)
+    spec[POSITION_IDS_KEY] = (POSITION_IDS_SHAPE, False)
     spec[LOGIT_SCALE_KEY] = ((), False)
     missing = set(SDXL_KEYS) - set(spec)
     extra = set(spec) - set(SDXL_KEYS)
@@ -487,7 +486,7 @@ def tiny_state_dict(
     out: Dict[str, torch.Tensor] = {}
     for key, (shape, is_norm) in spec.items():
         if key == POSITION_IDS_KEY:
-            out[key] = torch.arange(77, dtype=torch.int64)[None]
+            out[key] = position_ids()
             continue
         if base_sd is not None and key in base_sd:
             b = base_sd[key]

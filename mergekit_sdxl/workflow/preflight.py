@@ -21,10 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from mergekit_sdxl.errors import UserError
+from mergekit_sdxl.sdxl import dtypes
+from mergekit_sdxl.sdxl import keys as sdxl_keys
 from mergekit_sdxl.sdxl.detect import Detection, detect
+from mergekit_sdxl.sdxl.families import FAMILY_LABELS, MERGEABLE_FAMILIES, family_label
 from mergekit_sdxl.sdxl.header import CheckpointError, SafetensorsHeader, read_header
-from mergekit_sdxl.sdxl.keys import canonical_name, canonical_shape
-from mergekit_sdxl.sdxl.manifest import COMPONENT_PREFIXES
+from mergekit_sdxl.sdxl.keys import canonical_name
+from mergekit_sdxl.sdxl.manifest import COMPONENT_PREFIXES, component_of
 
 logger = logging.getLogger(__name__)
 
@@ -43,22 +46,10 @@ __all__ = [
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-# Families mergekit-sdxl can merge (all inputs of one merge must share one of them).
-MERGEABLE_FAMILIES: Tuple[str, ...] = ("sdxl-base", "sdxl-inpaint")
-
-FAMILY_LABELS: Dict[str, str] = {
-    "sdxl-base": "SDXL base-family",
-    "sdxl-inpaint": "SDXL inpainting",
-    "sdxl-refiner": "SDXL refiner",
-    "sd1": "SD 1.x",
-    "sd2": "SD 2.x",
-    "sd3": "SD3",
-    "flux": "Flux",
-    "unknown": "unknown architecture",
-}
+# MERGEABLE_FAMILIES (what the loader merges; all inputs of one merge share it) and FAMILY_LABELS
+# are re-exported from mergekit_sdxl.sdxl.families, the one place the family facts live.
 
 _MAX_KEYS_LISTED = 8
-_COMPUTE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 
 
 class PreflightError(UserError, ValueError):
@@ -107,7 +98,8 @@ def scan_nonfinite(path: PathLike, header: Optional[SafetensorsHeader] = None) -
     header = header if header is not None else read_header(p)
     result = ScanResult(per_component={c: 0 for c in COMPONENT_PREFIXES})
     result.per_component["other"] = 0
-    float_dtypes = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
+    # Real float dtypes this torch can load; integers and bools cannot hold NaN/inf.
+    float_dtypes = {name for name in dtypes.READABLE if dtypes.is_float(name)}
     # File-offset order: one sequential pass over the file.
     names = sorted(header.tensors, key=lambda k: header.tensors[k].data_offsets[0])
     try:
@@ -123,14 +115,16 @@ def scan_nonfinite(path: PathLike, header: Optional[SafetensorsHeader] = None) -
                 t = f.get_tensor(key)
             except Exception as e:  # noqa: BLE001
                 raise CheckpointError(p, f"cannot read tensor: {e}", key=key) from e
-            if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                t = t.to(torch.float16)
+            if t.element_size() == 1:
+                # isfinite has no float8 kernels; float32 holds every float8 value (float16 would
+                # overflow F8_E8M0's 2**127 to inf and report it as non-finite).
+                t = t.to(torch.float32)
             bad = int(t.numel() - torch.isfinite(t).sum().item())
             result.tensors_read += 1
             result.bytes_read += info.nbytes
             del t
             if bad:
-                comp = next((c for c, pre in COMPONENT_PREFIXES.items() if key.startswith(pre)), "other")
+                comp = component_of(key) or "other"
                 result.per_component[comp] += bad
                 result.per_key[key] = bad
     return result
@@ -252,8 +246,8 @@ class PreflightReport:
         """
         n = max(1, self.n_inputs)
         elems = self.largest_tensor[1]
-        cb = _COMPUTE_BYTES.get(compute_dtype, 8)
-        ob = _COMPUTE_BYTES.get(out_dtype, 2)
+        cb = dtypes.COMPUTE_DTYPE_BYTES.get(compute_dtype, 8)
+        ob = dtypes.COMPUTE_DTYPE_BYTES.get(out_dtype, 2)
         in_memory = elems * (2 * n + 1) * cb
         if memory_budget is not None:
             in_memory = min(in_memory, int(memory_budget))
@@ -283,14 +277,7 @@ def _same_file(a: str, b: str) -> bool:
 def canonical_shapes(header: SafetensorsHeader) -> Dict[str, Tuple[int, ...]]:
     """Manifest key -> shape after key hygiene (``text_projection.weight`` under its sgm name and
     orientation, 2-D VAE attention as 4-D, ``position_ids`` [1, 77]): what the merge will see."""
-    out: Dict[str, Tuple[int, ...]] = {}
-    for name, info in header.tensors.items():
-        key = canonical_name(name)
-        if key is None:
-            continue
-        if key not in out or name == key:
-            out[key] = canonical_shape(key, name, tuple(info.shape))
-    return out
+    return sdxl_keys.canonical_shapes(header.tensors)
 
 
 def preflight(
@@ -349,7 +336,7 @@ def preflight(
     ref = report.base if report.base in report.detections else next(iter(report.detections), None)
     ref_family = report.families.get(ref) if ref else None
     for p, fam in report.families.items():
-        label = FAMILY_LABELS.get(fam, fam)
+        label = family_label(fam)
         if fam not in families:
             problems.append(
                 f"{p}: {label} checkpoint (family {fam}); only {', '.join(families)} checkpoints can be merged"
@@ -374,9 +361,8 @@ def preflight(
             problems.append(msg + "; pass --allow-vpred-mix (sdxl: {allow_vpred_mix: true}) if this is intended")
 
     # 3. keys, shapes and dtypes
-    from mergekit_sdxl.io.writer import TORCH_DTYPES
-
-    readable = set(TORCH_DTYPES)
+    # What the loader can turn into a tensor (the names of io.writer.TORCH_DTYPES).
+    readable = dtypes.READABLE
     ref_shapes = canonical_shapes(headers[ref]) if ref in headers else {}
     largest = ("", 0)
     for p, det in report.detections.items():

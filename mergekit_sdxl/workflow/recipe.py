@@ -35,9 +35,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from mergekit_sdxl.errors import UserError
 from mergekit_sdxl.io.discover import Discovery, discover_safetensors
 from mergekit_sdxl.io.provenance import InputInfo, legacy_hash
+from mergekit_sdxl.sdxl.families import MERGEABLE_FAMILIES, family_label
 from mergekit_sdxl.sdxl.header import CheckpointError
 from mergekit_sdxl.text import printable
-from mergekit_sdxl.workflow.preflight import FAMILY_LABELS, FileReport, canonical_shapes, inspect_file
+from mergekit_sdxl.workflow.preflight import FileReport, canonical_shapes, inspect_file
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,9 @@ __all__ = [
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+# How refusals name what can be merged ("SDXL base-family" today).
+_MERGEABLE = " or ".join(family_label(f) for f in MERGEABLE_FAMILIES)
 
 
 class Method(str, Enum):
@@ -324,10 +328,10 @@ def build_recipe(
         raise RecipeError(f"base model {base_path}: {base_rep.error}")
     bdet = base_rep.detection
     assert bdet is not None
-    if bdet.family != "sdxl-base":
+    if bdet.family not in MERGEABLE_FAMILIES:
         raise RecipeError(
-            f"base model {base_path}: {FAMILY_LABELS.get(bdet.family, bdet.family)} checkpoint (family {bdet.family}); "
-            "the base must be an SDXL base-family checkpoint"
+            f"base model {base_path}: {family_label(bdet.family)} checkpoint (family {bdet.family}); "
+            f"the base must be an {_MERGEABLE} checkpoint"
         )
     if bdet.missing:
         raise RecipeError(f"base model {base_path}: {len(bdet.missing)} required SDXL keys missing, e.g. {bdet.missing[0]}")
@@ -451,10 +455,10 @@ def _exclusion_reason(
         return f"unreadable: {rep.error}"
     det = rep.detection
     assert det is not None and rep.header is not None
-    if det.family != "sdxl-base":
-        label = FAMILY_LABELS.get(det.family, det.family)
+    if det.family not in MERGEABLE_FAMILIES:
+        label = family_label(det.family)
         extra = f"; {det.notes[0]}" if det.notes and det.family == "unknown" else ""
-        return f"not an SDXL base-family checkpoint: {label} (family {det.family}){extra}"
+        return f"not an {_MERGEABLE} checkpoint: {label} (family {det.family}){extra}"
     if det.missing:
         return f"{len(det.missing)} required SDXL keys missing (e.g. {det.missing[0]})"
     if det.wrong_shape:
