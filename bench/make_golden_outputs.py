@@ -91,7 +91,11 @@ out_dtype: float16
 MERGES: Dict[str, dict] = {
     "tgmd_f64": {"tool": "mergekit-sdxl", "config": _TGMD.format(dtype="float64"), "args": []},
     "tgmd_f32": {"tool": "mergekit-sdxl", "config": _TGMD.format(dtype="float32"), "args": []},
-    "tgmd_f64_chunked": {"tool": "mergekit-sdxl", "config": _TGMD.format(dtype="float64"), "args": ["--memory-budget", "64MB"]},
+    "tgmd_f64_chunked": {
+        "tool": "mergekit-sdxl",
+        "config": _TGMD.format(dtype="float64"),
+        "args": ["--memory-budget", "64MB"],
+    },
     "ties_soup": {
         "tool": "mergekit-sdxl",
         "config": f"""\
@@ -403,9 +407,9 @@ def main() -> None:
         bad += [n for n, d in result["merges"].items() if d["sha256"] != golden["merges"][n]["sha256"]]
         print("differ: " + ", ".join(bad) if bad else "all digests match")
         sys.exit(1 if bad else 0)
-    import mergekit
-    import torch
     from importlib.metadata import version
+
+    import torch
 
     document = {
         "produced_by": {
@@ -413,7 +417,11 @@ def main() -> None:
             "script": "bench/make_golden_outputs.py",
             "command": f"python bench/make_golden_outputs.py --tree TREE --commit {args.commit}",
             "mergekit_sdxl_file": result["mergekit_sdxl_file"],
-            "versions": {"torch": torch.__version__, "mergekit": version("mergekit"), "safetensors": version("safetensors")},
+            "versions": {
+                "torch": torch.__version__,
+                "mergekit": version("mergekit"),
+                "safetensors": version("safetensors"),
+            },
             "python": sys.version.split()[0],
             "digest": (
                 "sha256: over the tensors in sorted name order, each as u64le len(H), H, u64le len(B), B; "

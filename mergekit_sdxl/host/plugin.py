@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import threading
 
+from mergekit_sdxl.errors import UserError
+
 _LOCK = threading.RLock()
 
 
-class RegistrationConflict(RuntimeError):
+class RegistrationConflict(UserError, RuntimeError):
     """Another package registered a method under one of this plugin's names."""
 
 

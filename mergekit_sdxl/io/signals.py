@@ -1,4 +1,4 @@
-"""Signals around the moment an output is published.
+"""Signals around the moments a partial or finished output changes state.
 
 Between the rename of a verified output onto its name and the removal of its journal, an
 interrupt would leave a complete file behind a command that reports failure. SIGINT and
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 import threading
 from contextlib import contextmanager
 from typing import Iterator
@@ -44,6 +43,15 @@ def signals_deferred() -> Iterator[None]:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def is_main_thread() -> bool:
-    """Signal handlers can only be installed from the main thread."""
-    return threading.current_thread() is threading.main_thread() and sys.platform != "win32"
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back inside the block and deliver them right after it: a tensor is
+    either written and counted, or not written, never written but uncounted."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -37,7 +37,7 @@ from mergekit_sdxl.io.journal import (
     write_journal,
 )
 from mergekit_sdxl.io.safe_write import create_exclusive, describe_os_error, open_existing_nofollow
-from mergekit_sdxl.io.signals import signals_deferred
+from mergekit_sdxl.io.signals import signals_deferred, signals_held
 from mergekit_sdxl.sdxl.dtypes import torch_dtypes
 from mergekit_sdxl.sdxl.header import MAX_HEADER_SIZE
 
@@ -451,11 +451,12 @@ class StreamingCheckpointWriter:
         if tuple(tensor.shape) != spec.shape:
             raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not match the declared {spec.shape}")
         data = _tensor_bytes(tensor)
-        self._write_or_fail(data)
-        self._hasher.update(data)
-        del data  # drop the view (and with it the tensor) before any slow checkpoint I/O
-        self._index += 1
-        self._offset += _nbytes(spec)
+        with signals_held():  # an interrupt lands before or after this tensor, never inside
+            self._write_or_fail(data)
+            self._hasher.update(data)
+            del data  # drop the view (and with it the tensor) before any slow checkpoint I/O
+            self._index += 1
+            self._offset += _nbytes(spec)
         if self.journal_path is not None and (
             self._offset - self._last_ckpt_offset >= self._journal_every_bytes
             or time.monotonic() - self._last_ckpt_time >= self._journal_every_s
