@@ -365,3 +365,28 @@ def test_clash_check_names_both_files(tmp_path):
     with pytest.raises(OutputError, match="a.safetensors.*the base model .*a.safetensors"):
         check_writes_do_not_clash([tmp_path / "sub" / ".." / "a.safetensors"], [(a, "the base model")])
     check_writes_do_not_clash([tmp_path / "b.safetensors"], [(a, "the base model")])
+
+
+def test_users_own_notes_beside_the_output_are_never_overwritten(workspace, monkeypatch, capsys):
+    notes = workspace["root"] / "merged.md"
+    notes.write_text("my notes about this merge\n")
+    code, _, err = _cli(monkeypatch, capsys, "merge", "recipe.yaml", "merged.safetensors")
+    _assert_refused(code, err, "merged.md", "not a model card")
+    assert notes.read_text() == "my notes about this merge\n"
+    notes.unlink()
+    code, _, err = _cli(monkeypatch, capsys, "merge", "recipe.yaml", "merged.safetensors")
+    assert code == 0, err
+    code, _, err = _cli(monkeypatch, capsys, "merge", "recipe.yaml", "merged.safetensors")
+    assert code == 0, err  # our own card and sidecar are replaced
+
+
+def test_a_hand_written_config_is_never_overwritten_by_recipe(workspace, monkeypatch, capsys):
+    mine = workspace["root"] / "mine.yaml"
+    mine.write_text("merge_method: linear\n")
+    code, _, err = _cli(monkeypatch, capsys, "recipe", "models", "--base", "sdxl_base.safetensors", "-o", "mine.yaml")
+    _assert_refused(code, err, "mine.yaml", "not a recipe")
+    assert mine.read_text() == "merge_method: linear\n"
+    code, _, err = _cli(monkeypatch, capsys, "recipe", "models", "--base", "sdxl_base.safetensors", "-o", "new.yaml")
+    assert code == 0, err
+    code, _, err = _cli(monkeypatch, capsys, "recipe", "models", "--base", "sdxl_base.safetensors", "-o", "new.yaml")
+    assert code == 0, err  # a recipe of ours is rewritten

@@ -101,24 +101,25 @@ def run_command(
     keep_paths: bool = typer.Option(False, "--keep-paths", help="Record full input paths in the output (private use)."),
 ) -> None:
     """Recipe + merge in one command: discover, validate, write the recipe, merge."""
-    from mergekit_sdxl.host.mergekit_api import MergeOptions
-
     from mergekit_sdxl.cli.merge_cmd import check_memory_budget, published_command, report_result
     from mergekit_sdxl.host.driver import run_sdxl_merge
-    from mergekit_sdxl.workflow.recipe import build_recipe, refuse_writes_over_inputs
+    from mergekit_sdxl.host.mergekit_api import MergeOptions
     from mergekit_sdxl.io.output_guard import (
         OwnOutputs,
         check_config_target,
         check_distinct,
+        check_not_foreign,
         check_output_target,
         merge_output_paths,
     )
     from mergekit_sdxl.io.safe_write import atomic_write_text
+    from mergekit_sdxl.workflow.recipe import build_recipe, is_our_recipe, refuse_writes_over_inputs
 
     check_memory_budget(memory_budget)
     check_output_target(out_path, suffix=".safetensors")
     config_path = config_out or out_path.with_suffix(".yaml")
     check_config_target(config_path)
+    check_not_foreign(config_path, is_our_recipe, "a recipe")
     writes = [config_path, *merge_output_paths(out_path)]
     check_distinct(writes)
     refuse_writes_over_inputs(writes, directory, base, own_outputs_allowed=True)

@@ -15,8 +15,8 @@ from typing import List, Optional
 
 import typer
 
-from mergekit_sdxl.workflow.recipe import Method, build_recipe
 from mergekit_sdxl.text import printable
+from mergekit_sdxl.workflow.recipe import Method, build_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +46,15 @@ def recipe_command(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the DROP masks (tgmd default: 240603)."),
 ) -> None:
     """Discover, validate and filter checkpoints; write a mergekit config pinned by sha256."""
-    from mergekit_sdxl.workflow.recipe import refuse_writes_over_inputs
-    from mergekit_sdxl.io.output_guard import check_config_target
+    from mergekit_sdxl.io.output_guard import check_config_target, check_not_foreign
     from mergekit_sdxl.io.safe_write import atomic_write_text
+    from mergekit_sdxl.workflow.recipe import is_our_recipe, refuse_writes_over_inputs
 
     method_s = method.value if isinstance(method, Method) else str(method)
     cmd = _command_line(directory, base, method_s, output, scan, allow_vpred_mix, seed)
     if output is not None:
         check_config_target(output)
+        check_not_foreign(output, is_our_recipe, "a recipe")
         refuse_writes_over_inputs([output], directory, base, own_outputs_allowed=False)
     result = build_recipe(directory, base, method_s, scan=scan, allow_vpred_mix=allow_vpred_mix, seed=seed, command=cmd)
     to_stdout = output is None

@@ -27,12 +27,21 @@ from mergekit_sdxl.host.streaming import bytes_read, stream_merge
 from mergekit_sdxl.io.hashing import HashCache
 from mergekit_sdxl.io.output_guard import (
     check_no_symlinks,
+    check_not_foreign,
     check_output_target,
     check_writes_do_not_clash,
     merge_output_paths,
 )
 from mergekit_sdxl.io.output_lock import OutputLock
-from mergekit_sdxl.io.provenance import InputInfo, build_metadata, input_info, publishable_recipe, write_sidecars
+from mergekit_sdxl.io.provenance import (
+    InputInfo,
+    build_metadata,
+    input_info,
+    is_our_sidecar,
+    publishable_recipe,
+    sidecar_paths,
+    write_sidecars,
+)
 from mergekit_sdxl.io.safe_write import describe_os_error
 from mergekit_sdxl.io.writer import StreamingCheckpointWriter, WriteResult
 from mergekit_sdxl.kernels.memory_plan import MemoryPlan
@@ -95,7 +104,7 @@ def load_config(text: str, overrides: Optional[Dict] = None, *, source: str = "c
     return LoadedConfig(text=text, config=config, sdxl=sdxl)
 
 
-def _first_validation_error(error: "Any") -> str:
+def _first_validation_error(error: Any) -> str:
     first = error.errors()[0]
     where = ".".join(str(part) for part in first.get("loc", ()))
     more = len(error.errors()) - 1
@@ -211,6 +220,8 @@ def _checked_inputs(
     check_writes_do_not_clash(writes, guarded)
     check_no_symlinks(writes[2:])  # the .partial may be a stale link: the writer replaces it
     _refuse_foreign_output(out_path)
+    for sidecar in sidecar_paths(out_path):
+        check_not_foreign(sidecar, is_our_sidecar, "a model card or provenance file")
     _make_output_folder(out_path)
     return loaded, roles
 

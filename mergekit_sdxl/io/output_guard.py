@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from mergekit_sdxl.errors import OutputError
 
@@ -19,6 +19,7 @@ __all__ = [
     "OwnOutputs",
     "check_config_target",
     "check_distinct",
+    "check_not_foreign",
     "check_no_symlinks",
     "check_output_target",
     "check_writes_do_not_clash",
@@ -120,6 +121,14 @@ def check_config_target(path: PathLike) -> None:
         raise OutputError(f"{target}: is a symbolic link; refusing to replace it (give the real path)")
     if target.name.lower().endswith(_CHECKPOINT_SUFFIXES):
         raise OutputError(f"{target}: a config is YAML text; refusing to write it under a checkpoint file name")
+
+
+def check_not_foreign(path: PathLike, is_ours: Callable[[Path], bool], what: str) -> None:
+    """An existing file under a name this command writes is replaced only if this package wrote
+    it (``is_ours``): a user's own notes or config are never overwritten."""
+    target = Path(path)
+    if target.is_file() and not is_ours(target):
+        raise OutputError(f"{target}: exists and is not {what} written by mergekit-sdxl; move it or choose another name")
 
 
 class OwnOutputs:

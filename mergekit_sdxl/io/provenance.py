@@ -313,11 +313,7 @@ def render_model_card(
     cfg = config_name or "config.yaml"
     cmd = command or f"mergekit-sdxl merge {shlex.quote(cfg)} {shlex.quote(out.name)}"
     lines: List[str] = [
-        "---",
-        "tags:",
-        "- stable-diffusion-xl",
-        "- merge",
-        "- mergekit-sdxl",
+        *CARD_FIRST_LINES,
         f"- {method}" if method else "- merge-method-unknown",
         "---",
         "",
@@ -424,6 +420,29 @@ def write_sidecars(
     _atomic_text(md_path, card)
     logger.info("wrote %s and %s", json_path, md_path)
     return json_path, md_path
+
+
+# How every model card of ours begins: how a card under an output's name is told from a user's file.
+CARD_FIRST_LINES = ("---", "tags:", "- stable-diffusion-xl", "- merge", "- mergekit-sdxl")
+_MAX_SIDECAR = 64 * 1024 * 1024
+
+
+def is_our_sidecar(path: PathLike) -> bool:
+    """True for a model card or provenance JSON that :func:`write_sidecars` wrote."""
+    try:
+        if os.path.getsize(path) > _MAX_SIDECAR:
+            return False
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError):
+        return False
+    if os.fspath(path).endswith(".md"):
+        return text.splitlines()[: len(CARD_FIRST_LINES)] == list(CARD_FIRST_LINES)
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(doc, dict) and isinstance(doc.get("metadata"), dict) and META_RECIPE in doc["metadata"]
 
 
 def _atomic_text(path: Path, text: str) -> None:
