@@ -124,9 +124,9 @@ def main() -> None:
             ]
             rows_out.append(row)
             print(f"N={n:4d} {method:10s} total median {row[2]:8.2f} s  min {row[3]:8.2f} s  | per tensor ms: "
-                  + "  ".join(f"{label} {v:9.2f}" for (label, _, _), v in zip(mix, row[4:])), flush=True)
+                  + "  ".join(f"{label} {v:9.2f}" for (label, _, _), v in zip(mix, row[4:], strict=True)), flush=True)
     print()
-    head = "| N | method | total s (median) | total s (min) | " + " | ".join(f"{l} ms/tensor" for l, _, _ in mix) + " |"
+    head = "| N | method | total s (median) | total s (min) | " + " | ".join(f"{label} ms/tensor" for label, _, _ in mix) + " |"
     print(head)
     print("|" + "---|" * (4 + len(mix)))
     for r in rows_out:

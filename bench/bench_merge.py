@@ -202,7 +202,7 @@ def run_child(argv: List[str], env: Dict[str, str], log: Path) -> Dict:
     load_before = os.getloadavg()[0]
     started = time.monotonic()
     if timer:
-        proc = subprocess.run([timer, "-v"] + argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.run([timer, "-v"] + argv, env=env, capture_output=True, text=True)
         wall = time.monotonic() - started
         match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
         peak = int(match.group(1)) * 1024 if match else 0

@@ -34,4 +34,4 @@ n = sum(int((a[k] != b[k]).sum()) for k in diff)
 total = sum(t.numel() for t in a.values())
 print(f"cpu vs cuda: {len(diff)} of {len(a)} tensors differ, {n} of {total} elements, max abs diff {worst:.3g}")
 PY
-python3 -m pytest -q -p no:cacheprovider tests/test_kernels_rng.py tests/test_kernels_tgmd.py 2>&1 | tail -3
+python3 -m pytest -q -p no:cacheprovider tests/kernels/test_kernels_rng.py tests/kernels/test_kernels_tgmd.py 2>&1 | tail -3

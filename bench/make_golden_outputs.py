@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write the golden tensor digests of eight fixed merges (tests/data/golden_tensors_<commit>.json).
 
-``tests/test_golden_outputs.py`` reruns the same merges with the code under test and compares the
+``tests/e2e/test_golden_outputs.py`` reruns the same merges with the code under test and compares the
 OUTPUT TENSORS (name, dtype, shape, raw bytes) with these digests. File sha256s are not compared:
 the metadata of an output may legitimately change; its tensors may not.
 

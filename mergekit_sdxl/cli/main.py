@@ -40,8 +40,9 @@ class _Group(TyperGroup):
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         standalone = kwargs.pop("standalone_mode", True)
+        kwargs["standalone_mode"] = False
         try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
+            code = super().main(*args, **kwargs)
         except _EXITS as done:
             code = done.exit_code
         except _USAGE_ERRORS as error:
@@ -163,12 +164,15 @@ _mount_surfaces()
 
 
 
-def cli() -> click.Command:
+def cli() -> TyperGroup:
     """The ``mergekit-sdxl`` command: the typer app plus the click ``merge`` command."""
     from mergekit_sdxl.cli.merge_cmd import merge_command
 
     command = typer.main.get_command(app)
-    command.add_command(merge_command, "merge")  # type: ignore[attr-defined]
+    assert isinstance(command, TyperGroup)  # the app's cls, _Group
+    # typer vendors its own click, whose stubs want its own Command; a real click command (mergekit's
+    # options) works in its group at run time.
+    command.add_command(merge_command, "merge")  # type: ignore[arg-type]
     return command
 
 

@@ -13,6 +13,7 @@ import sys
 from typing import Optional, Sequence
 
 import click
+
 from mergekit_sdxl.host.mergekit_api import MergeOptions, add_merge_options
 
 LOG = logging.getLogger(__name__)

@@ -69,7 +69,7 @@ class SDXLCheckpointIndex(ShardedTensorIndex):
     byte_ranges: Dict[str, Tuple[int, int]] = field(default_factory=dict)
 
     @classmethod
-    def from_checkpoint(cls, path: str) -> "SDXLCheckpointIndex":
+    def from_checkpoint(cls, path: str) -> SDXLCheckpointIndex:
         header = read_header(path)
         stored_names: Dict[str, str] = {}
         shapes: Dict[str, Tuple[int, ...]] = {}
@@ -213,7 +213,9 @@ class SDXLCheckpointLoader(LazyTensorLoader):
         stored = self.index.stored_names.get(key)
         if stored != key or not shape or self.index.stored_shapes[key] != shape:
             # Variants need the whole tensor to be normalised; they are small.
-            return self.get_tensor(key).reshape(rows, cols)[start:stop]
+            whole = self.get_tensor(key)
+            assert whole is not None  # raise_on_missing: a missing key raises KeyError
+            return whole.reshape(rows, cols)[start:stop]
         with self.lock:
             part = self._stored_rows(key, start, stop)
         return part.reshape(stop - start, cols)

@@ -228,6 +228,8 @@ if TYPE_CHECKING:  # the names as the type checker sees them
     from mergekit.io.tasks import GatherTensors as GatherTensors
     from mergekit.io.tasks import LoaderCache as LoaderCache
     from mergekit.io.tasks import SaveTensor as SaveTensor
+    from mergekit.merge_methods import get as get_method  # noqa: F401 - renamed re-export (SYMBOLS)
+    from mergekit.merge_methods import register as register_method  # noqa: F401 - renamed re-export
     from mergekit.merge_methods import registered_methods as registered_methods
     from mergekit.merge_methods.base import BasePolicy as BasePolicy
     from mergekit.merge_methods.base import BatchOptions as BatchOptions

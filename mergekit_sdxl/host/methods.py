@@ -211,7 +211,7 @@ class ChunkedMergeMethod(GroupMergeMethod):
         # No align_dtype here: inputs stay in their stored dtype until a chunk is computed.
         return tuple(
             self._merge_group(group, kwargs, compute_dtype_for(dtype), out_dtype)
-            for group, kwargs, dtype in zip(groups, parameters, input_dtypes)
+            for group, kwargs, dtype in zip(groups, parameters, input_dtypes, strict=True)
         )
 
 
@@ -243,11 +243,14 @@ class TaskVectorMedianMethod(ChunkedMergeMethod):
             lambda_=shared["lambda"],
             seed=shared["seed"],
         )
+        base = inputs.base
+        if base is None:  # BasePolicy.REQUIRED: mergekit and DirectGather refuse a group without one
+            raise ValueError(f"{inputs.tensor_name}: {self.spec.name} needs a base model")
         with _input_values_are_user_errors():
             return merge_task_vectors(
                 inputs.tensor_name,
                 torch.Size(inputs.shape),
-                inputs.base,
+                base,
                 inputs.models,
                 inputs.model_keys,
                 params,

@@ -7,7 +7,7 @@ keys in flight.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -34,6 +34,8 @@ class _TargetList(list):
 
 class StreamingExecutor(Executor):
     """mergekit's ``Executor`` with O(1) target lookup; used through its public ``run``."""
+
+    targets: List[Any]  # a _TargetList of mergekit's task handles
 
     def __init__(self, targets: Sequence[Any], **kwargs: Any) -> None:
         super().__init__(list(targets), **kwargs)

@@ -29,6 +29,24 @@ from mergekit_sdxl.sdxl import keys as sdxl_keys
 LOG = logging.getLogger(__name__)
 
 
+def _file_rows(loader: Any, name: str, device: str) -> RowReader:
+    """Reader of rows of ``name`` straight from ``loader``'s file, moved to ``device``."""
+
+    def rows(start: int, stop: int) -> torch.Tensor:
+        return loader.get_rows(name, start, stop).to(device)
+
+    return rows
+
+
+def _slice_rows(flat: torch.Tensor) -> RowReader:
+    """Reader of rows of an in-memory tensor viewed as [rows, cols]."""
+
+    def rows(start: int, stop: int) -> torch.Tensor:
+        return flat[start:stop]
+
+    return rows
+
+
 class DirectGather(GatherTensors):
     """Loads one tensor from every input in a single task.
 
@@ -139,9 +157,7 @@ class MergeKeyTask(Task[Optional[torch.Tensor]]):
             if name not in loader.index.tensor_paths:
                 readers[model] = None
                 continue
-            readers[model] = lambda start, stop, loader=loader, name=name: loader.get_rows(name, start, stop).to(
-                self.device or "cpu"
-            )
+            readers[model] = _file_rows(loader, name, self.device or "cpu")
         return readers
 
     def _memory_readers(self, tensors: Dict[ModelReference, torch.Tensor]) -> Dict[ModelReference, Optional[RowReader]]:
@@ -154,8 +170,7 @@ class MergeKeyTask(Task[Optional[torch.Tensor]]):
                 continue
             if not tensor.is_floating_point():
                 raise InputDataError(f"{model}: key {self.merge.output_weight.name} is not floating point; it cannot be merged")
-            flat = tensor.reshape(rows, cols)
-            readers[model] = lambda start, stop, flat=flat: flat[start:stop]
+            readers[model] = _slice_rows(tensor.reshape(rows, cols))
         return readers
 
     def _merge_readers(

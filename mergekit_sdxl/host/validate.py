@@ -123,7 +123,7 @@ class _StrictLoader(yaml.SafeLoader):
     """PyYAML's safe loader, except that a key given twice in one mapping is an error
     (PyYAML keeps the last one and the first setting is lost without a word)."""
 
-    def construct_mapping(self, node, deep=False):  # type: ignore[override]
+    def construct_mapping(self, node: Any, deep: bool = False) -> Dict[Any, Any]:  # type: ignore[override]
         if isinstance(node, yaml.MappingNode):
             first: Dict[Any, yaml.Node] = {}
             for key_node, _ in node.value:

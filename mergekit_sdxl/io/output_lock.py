@@ -38,7 +38,7 @@ class OutputLock:
         self.path = lock_path_for(out_path)
         self._fd: Optional[int] = None
 
-    def acquire(self) -> "OutputLock":
+    def acquire(self) -> OutputLock:
         """Take the lock or raise :class:`OutputError` naming the holder."""
         import fcntl
 
@@ -86,7 +86,7 @@ class OutputLock:
         os.close(self._fd)
         self._fd = None
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         return self.acquire()
 
     def __exit__(

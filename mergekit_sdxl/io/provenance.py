@@ -282,11 +282,12 @@ def sidecar_paths(out_path: PathLike) -> Tuple[Path, Path]:
 
 
 def _fmt_size(n: int) -> str:
+    size: float = n
     for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000.0
-    return str(n)  # pragma: no cover
+        if abs(size) < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1000.0
+    return str(size)  # pragma: no cover
 
 
 def _md_escape(s: str) -> str:

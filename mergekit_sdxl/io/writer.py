@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Type, Union
+from typing import BinaryIO, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
 import torch
 
@@ -157,7 +157,8 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     t = tensor.detach().cpu().contiguous()
     # Viewing as uint8 avoids numpy dtypes altogether (numpy has no bfloat16/float8);
     # reshape(-1) makes 0-d tensors viewable.
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    # numpy's stubs declare ndarray.__buffer__ for Python >= 3.12 only; it is a buffer on 3.10 too.
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def _write_all(fh, data: memoryview) -> None:
@@ -168,7 +169,7 @@ def _write_all(fh, data: memoryview) -> None:
         view = view[n:]
 
 
-def _hash_prefix(path: Path, length: int) -> "hashlib._Hash":
+def _hash_prefix(path: Path, length: int) -> hashlib._Hash:
     """sha256 object fed the first ``length`` bytes of ``path`` (raises if the file is shorter)."""
     h = hashlib.sha256()
     buf = bytearray(min(_HASH_CHUNK, max(length, 1)))
@@ -216,7 +217,7 @@ class StreamingCheckpointWriter:
 
     @classmethod
     def open_or_resume(
-        cls: Type["StreamingCheckpointWriter"],
+        cls: Type[StreamingCheckpointWriter],
         out_path: PathLike,
         entries: Sequence[TensorEntrySpec],
         metadata: Optional[Mapping[str, str]],
@@ -226,7 +227,7 @@ class StreamingCheckpointWriter:
         temp_path: Optional[PathLike] = None,
         journal_every_bytes: int = 16 * _MiB,
         journal_every_s: float = 5.0,
-    ) -> "StreamingCheckpointWriter":
+    ) -> StreamingCheckpointWriter:
         """Resume a journaled partial write of the same output if one exists, else start fresh.
 
         Raises ``ResumeMismatch`` when the partial output was made with another fingerprint
@@ -269,7 +270,7 @@ class StreamingCheckpointWriter:
         self._total_size = len(self._header) + sum(_nbytes(e) for e in self._entries)
         self._journal_every_bytes = journal_every_bytes
         self._journal_every_s = journal_every_s
-        self._fh = None
+        self._fh: Optional[BinaryIO] = None
         self._hasher = hashlib.sha256()
         self._index = 0  # entries fully written (and hashed)
         self._offset = 0  # file offset where those entries end
@@ -403,7 +404,7 @@ class StreamingCheckpointWriter:
             return "metadata changed: " + ", ".join(keys)
         old_names = [k for k in old_obj if k != "__metadata__"]
         new_names = [k for k in new_obj if k != "__metadata__"]
-        for a, b in zip(old_names, new_names):
+        for a, b in zip(old_names, new_names, strict=False):  # a count change is reported below
             if a != b:
                 return f"tensor order differs at {a!r} vs {b!r}"
             if old_obj[a] != new_obj[b]:
@@ -494,7 +495,7 @@ class StreamingCheckpointWriter:
         self._last_ckpt_offset = self._offset
         self._last_ckpt_time = time.monotonic()
 
-    def close(self, before_publish: Optional[Callable[[WriteResult], None]] = None) -> WriteResult:
+    def close(self, before_publish: Optional[Callable[[WriteResult], object]] = None) -> WriteResult:
         """Finish: fsync, verify the temp file and its bytes on disk, rename it onto ``out_path``,
         drop the journal.
 
@@ -514,9 +515,11 @@ class StreamingCheckpointWriter:
                     f"cannot close {self.out_path}: {len(self._entries) - self._index} of {len(self._entries)} "
                     f"entries not written (next: {missing.name!r})"
                 )
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
+            fh = self._fh
+            assert fh is not None  # open from construction until close or abort (which sets _closed)
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.close()
             self._fh = None
             self._verify()
             digest = self._verified_digest()
@@ -588,20 +591,20 @@ class StreamingCheckpointWriter:
 
         size = self.temp_path.stat().st_size
         if size != self._total_size:
-            raise IOError(f"{self.temp_path}: size {size} != expected {self._total_size}")
+            raise OSError(f"{self.temp_path}: size {size} != expected {self._total_size}")
         names = {e.name: e for e in self._entries}
         with safe_open(os.fspath(self.temp_path), framework="pt") as f:
             keys = set(f.keys())
             if keys != set(names):
-                raise IOError(f"{self.temp_path}: header keys differ from the entry list")
+                raise OSError(f"{self.temp_path}: header keys differ from the entry list")
             for name, spec in names.items():
                 sl = f.get_slice(name)
                 if sl.get_dtype() != DTYPE_NAMES[spec.dtype] or tuple(sl.get_shape()) != spec.shape:
-                    raise IOError(f"{self.temp_path}: entry {name!r} has a wrong dtype or shape")
+                    raise OSError(f"{self.temp_path}: entry {name!r} has a wrong dtype or shape")
             if (f.metadata() or {}) != self._metadata:
-                raise IOError(f"{self.temp_path}: metadata does not read back")
+                raise OSError(f"{self.temp_path}: metadata does not read back")
 
-    def __enter__(self) -> "StreamingCheckpointWriter":
+    def __enter__(self) -> StreamingCheckpointWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

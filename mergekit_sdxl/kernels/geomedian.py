@@ -68,7 +68,7 @@ def weiszfeld(
     dist = torch.linalg.vector_norm(points - y, dim=1)
     f = dist.mean()
     it = 0
-    for it in range(1, maxiter + 1):
+    for it in range(1, maxiter + 1):  # noqa: B007 (the iteration count is returned after the loop)
         w = b / torch.clamp(dist, min=eps)
         y = (w[:, None] * points).sum(dim=0) / w.sum()
         coeffs = (w / w.sum()).to(device="cpu", dtype=torch.float64)
@@ -126,7 +126,7 @@ def weiszfeld_gram(
     c = torch.full((n,), 1.0 / n, dtype=torch.float64)
     f = float(distances(c).mean())
     it = 0
-    for it in range(1, maxiter + 1):
+    for it in range(1, maxiter + 1):  # noqa: B007 (the iteration count is returned after the loop)
         torch.clamp(dist, min=eps, out=w)
         torch.div(b, w, out=w)
         c = w / w.sum()

@@ -207,7 +207,7 @@ class _Context:
             raise InputValuesError(f"{self.name}: the base model has non-finite values (rows {r0}:{r1})")
         return b
 
-    def writer(self, out_dtype: torch.dtype) -> "_Output":
+    def writer(self, out_dtype: torch.dtype) -> _Output:
         return _Output(self, out_dtype)
 
 
@@ -378,8 +378,8 @@ def _tgmd_once(
             # apply_trim per model as one broadcast: -inf keeps every entry of untrimmed models.
             thr = torch.stack(
                 [
-                    thresholds[i].to(device=d_all.device, dtype=d_all.dtype)
-                    if i in thresholds
+                    t.to(device=d_all.device, dtype=d_all.dtype)
+                    if (t := thresholds.get(i)) is not None
                     else torch.tensor(float("-inf"), dtype=d_all.dtype, device=d_all.device)
                     for i in active
                 ]

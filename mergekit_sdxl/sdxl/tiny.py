@@ -13,7 +13,7 @@ import os
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterable, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -180,7 +180,7 @@ def _synthetic_tensors(shapes, seed, dtype, base, base_sd, noise, drop) -> Dict[
 # --------------------------------------------------------------------------------------------
 
 # Depths are fixed by the key names; only widths shrink (see docs: "Tiny SDXL for tests").
-TINY_UNET_CONFIG: Dict[str, object] = {
+TINY_UNET_CONFIG: Dict[str, Any] = {
     "sample_size": 8,
     "in_channels": 4,
     "out_channels": 4,
@@ -209,7 +209,7 @@ TINY_UNET_CONFIG: Dict[str, object] = {
     "projection_class_embeddings_input_dim": 64 + 6 * 8,  # CLIP-G projection + 6 x time ids
 }
 
-TINY_VAE_CONFIG: Dict[str, object] = {
+TINY_VAE_CONFIG: Dict[str, Any] = {
     "in_channels": 3,
     "out_channels": 3,
     "down_block_types": ["DownEncoderBlock2D"] * 4,
@@ -226,7 +226,7 @@ TINY_VAE_CONFIG: Dict[str, object] = {
 
 TINY_VOCAB = 1000
 
-TINY_CLIP_L_CONFIG: Dict[str, object] = {
+TINY_CLIP_L_CONFIG: Dict[str, Any] = {
     "vocab_size": TINY_VOCAB,
     "hidden_size": 32,
     "intermediate_size": 128,
@@ -241,7 +241,7 @@ TINY_CLIP_L_CONFIG: Dict[str, object] = {
     "eos_token_id": TINY_VOCAB - 1,
 }
 
-TINY_CLIP_G_CONFIG: Dict[str, object] = {
+TINY_CLIP_G_CONFIG: Dict[str, Any] = {
     **TINY_CLIP_L_CONFIG,
     "hidden_size": 64,
     "intermediate_size": 256,
@@ -292,6 +292,14 @@ def _sub(rest: str, table: Mapping[str, str]) -> Optional[str]:
         if rest.startswith(a):
             return b + rest[len(a) :]
     return None
+
+
+def _sub_known(rest: str, table: Mapping[str, str], what: str, key: str) -> str:
+    """:func:`_sub` for a key that must be in ``table``: raises ``KeyError`` naming ``key``."""
+    name = _sub(rest, table)
+    if name is None:
+        raise KeyError(f"no sgm name for {what} key {key!r}")
+    return name
 
 
 def _unet_name(k: str, layers_per_block: int = 2, up_has_attn: Tuple[bool, ...] = (True, True, False)) -> str:
@@ -357,7 +365,7 @@ def _vae_name(k: str, num_levels: int = 4) -> Tuple[str, str]:
             return f"{coder}.mid.block_{int(parts[2]) + 1}." + res(".".join(parts[3:])), OP_NONE
         if parts[1] == "attentions":
             tail = ".".join(parts[3:])
-            name = f"{coder}.mid.attn_1." + _sub(tail, _VAE_ATTN)
+            name = f"{coder}.mid.attn_1." + _sub_known(tail, _VAE_ATTN, "diffusers VAE", k)
             return name, (OP_CONV1X1 if name.endswith(".weight") and not name.endswith("norm.weight") else OP_NONE)
     if parts[0] == "down_blocks":
         i = int(parts[1])
@@ -387,11 +395,11 @@ def _clip_g_name(k: str) -> Tuple[str, str]:
         return "ln_final." + k[len("final_layer_norm.") :], OP_NONE
     if k.startswith("encoder.layers."):
         _, _, n, rest = k.split(".", 3)
-        for i, qkv in enumerate(OP_QKV):
+        for qkv in OP_QKV:
             pre = f"self_attn.{qkv}_proj."
             if rest.startswith(pre):
                 return f"transformer.resblocks.{n}.attn.in_proj_{rest[len(pre):]}", qkv
-        return f"transformer.resblocks.{n}." + _sub(rest, _CLIP_G_LAYER), OP_NONE
+        return f"transformer.resblocks.{n}." + _sub_known(rest, _CLIP_G_LAYER, "CLIP-G", k), OP_NONE
     raise KeyError(f"no sgm name for CLIP-G key {k!r}")
 
 
@@ -420,7 +428,13 @@ _TINY_SPEC: Optional[Dict[str, Tuple[Tuple[int, ...], bool]]] = None
 
 def _tiny_models(device: str = "meta"):
     """Instantiate the four tiny component models (on the meta device by default)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    try:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+    except ImportError as e:
+        raise ImportError(
+            f"the tiny loadable SDXL is built with diffusers, which is not installed ({e}); install the "
+            "test extra (pip install -e '.[test]') or use write_synthetic_sdxl, which needs neither"
+        ) from e
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.device(device):
@@ -535,10 +549,13 @@ def write_tiny_config_dir(folder: PathLike) -> Path:
     """Write ``model_index.json`` + component configs of the tiny SDXL pipeline into ``folder``."""
     import json
 
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig
-
     import diffusers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    # From its own module: under TYPE_CHECKING, ``diffusers/__init__`` also offers the torch-less
+    # dummy class of that name, which has no ``save_config``.
+    from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
+    from transformers import CLIPTextConfig
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

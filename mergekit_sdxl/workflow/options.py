@@ -52,7 +52,7 @@ class VAEOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     source: str = Field(
-        "base",
+        default="base",
         description="'base' (default: the base model's VAE), 'merge' (merge it like the rest) or a checkpoint path.",
     )
 

@@ -56,7 +56,7 @@ class PreflightError(UserError, ValueError):
     """Inputs that must not be merged. ``problems`` lists each one (file and key named);
     ``report`` is the :class:`PreflightReport` gathered so far."""
 
-    def __init__(self, problems: Sequence[str], report: Optional["PreflightReport"] = None) -> None:
+    def __init__(self, problems: Sequence[str], report: Optional[PreflightReport] = None) -> None:
         self.problems = list(problems)
         self.report = report
         n = len(self.problems)
@@ -303,20 +303,35 @@ def preflight(
     ``nonfinite_is_error``.
     """
     report = PreflightReport()
-    problems = report.problems
+    report.files = _unique_inputs(inputs, base)
+    if base is not None:
+        report.base = report.files[0]
+    if not report.files:
+        raise PreflightError(["no input checkpoints given"], report)
+    headers = _read_headers(report)
+    ref = _reference(report)
+    _check_families(report, ref, families)
+    _check_prediction_types(report, ref, allow_vpred_mix)
+    _check_keys_shapes_dtypes(report, headers, ref, families, require_keys)
+    if scan:
+        _check_values(report, headers, nonfinite_is_error)
+    return _concluded(report)
+
+
+def _unique_inputs(inputs: Sequence[PathLike], base: Optional[PathLike]) -> List[str]:
+    """The inputs as strings, base first when given, each file once (same file by inode)."""
     ordered: List[str] = []
     base_s = os.fspath(base) if base is not None else None
     for p in ([base_s] if base_s is not None else []) + [os.fspath(x) for x in inputs]:
         if not any(_same_file(p, q) for q in ordered):
             ordered.append(p)
-    if base_s is not None:
-        report.base = ordered[0]
-    report.files = ordered
-    if not ordered:
-        raise PreflightError(["no input checkpoints given"], report)
+    return ordered
 
+
+def _read_headers(report: PreflightReport) -> Dict[str, SafetensorsHeader]:
+    """Header and detection of every readable file; a problem for each one that is not."""
     headers: Dict[str, SafetensorsHeader] = {}
-    for p in ordered:
+    for p in report.files:
         role = "base model" if p == report.base else "input"
         try:
             if not os.path.exists(p):
@@ -325,29 +340,38 @@ def preflight(
                 raise CheckpointError(p, f"{role} is a directory, not a .safetensors checkpoint file")
             headers[p] = read_header(p)
         except CheckpointError as e:
-            problems.append(str(e))
+            report.problems.append(str(e))
             continue
         det = detect(headers[p])
         report.detections[p] = det
         report.families[p] = det.family
         report.prediction_types[p] = det.prediction_type
+    return headers
 
-    # 1. one architecture family, and a mergeable one
-    ref = report.base if report.base in report.detections else next(iter(report.detections), None)
+
+def _reference(report: PreflightReport) -> Optional[str]:
+    """The file the others are compared with: the base if readable, else the first readable input."""
+    return report.base if report.base in report.detections else next(iter(report.detections), None)
+
+
+def _check_families(report: PreflightReport, ref: Optional[str], families: Sequence[str]) -> None:
+    """One architecture family, and a mergeable one."""
     ref_family = report.families.get(ref) if ref else None
     for p, fam in report.families.items():
         label = family_label(fam)
         if fam not in families:
-            problems.append(
+            report.problems.append(
                 f"{p}: {label} checkpoint (family {fam}); only {', '.join(families)} checkpoints can be merged"
                 " here — remove it from the config"
             )
         elif ref_family is not None and fam != ref_family and ref_family in families:
-            problems.append(
+            report.problems.append(
                 f"{p}: family {fam} does not match family {ref_family} of {ref}; mixing architectures is refused"
             )
 
-    # 2. prediction type
+
+def _check_prediction_types(report: PreflightReport, ref: Optional[str], allow_vpred_mix: bool) -> None:
+    """v-prediction mixed with epsilon: a problem, or a warning with ``allow_vpred_mix``."""
     ref_pred = report.prediction_types.get(ref) if ref else None
     mixed = [p for p, t in report.prediction_types.items() if ref_pred is not None and t != ref_pred]
     for p in mixed:
@@ -358,61 +382,98 @@ def preflight(
         if allow_vpred_mix:
             report.warnings.append(msg + " (allowed by allow_vpred_mix)")
         else:
-            problems.append(msg + "; pass --allow-vpred-mix (sdxl: {allow_vpred_mix: true}) if this is intended")
+            report.problems.append(msg + "; pass --allow-vpred-mix (sdxl: {allow_vpred_mix: true}) if this is intended")
 
-    # 3. keys, shapes and dtypes
-    # What the loader can turn into a tensor (the names of io.writer.TORCH_DTYPES).
-    readable = dtypes.READABLE
+
+def _check_keys_shapes_dtypes(
+    report: PreflightReport,
+    headers: Dict[str, SafetensorsHeader],
+    ref: Optional[str],
+    families: Sequence[str],
+    require_keys: bool,
+) -> None:
+    """Per mergeable file, in order: its keys, its shapes (against SDXL and the reference), its
+    dtypes; and the bytes to read and the largest tensor over all of them."""
     ref_shapes = canonical_shapes(headers[ref]) if ref in headers else {}
     largest = ("", 0)
     for p, det in report.detections.items():
         if det.family not in families:
             continue
-        if det.missing:
-            report.missing_keys[p] = list(det.missing)
-            msg = f"{p}: {len(det.missing)} required SDXL keys missing: {_list_keys(det.missing)}"
-            if require_keys:
-                problems.append(msg)
-            else:
-                report.warnings.append(msg + " (they are taken from the other inputs)")
-        if det.extra:
-            report.extra_keys[p] = list(det.extra)
-            report.warnings.append(
-                f"{p}: {len(det.extra)} keys outside the SDXL manifest will be ignored: {_list_keys(det.extra, 4)}"
-            )
-        for key, expected, got in det.wrong_shape:
-            problems.append(f"{p}: key {key} has shape {list(got)}, SDXL expects {list(expected)}")
-        if p != ref and ref_shapes:
-            shapes = canonical_shapes(headers[p])
-            for key, shape in shapes.items():
-                rs = ref_shapes.get(key)
-                if rs is not None and rs != shape and not any(k == key for k, _, _ in det.wrong_shape):
-                    problems.append(f"{p}: key {key} has shape {list(shape)} but {ref} has {list(rs)}")
-        for name, info in headers[p].tensors.items():
-            if canonical_name(name) is not None:
-                if info.dtype not in readable:
-                    problems.append(f"{p}: key {name} has dtype {info.dtype}, which the merge cannot read")
-                report.bytes_to_read += info.nbytes
-                if info.numel > largest[1]:
-                    largest = (name, info.numel)
+        _check_keys(report, p, det, require_keys)
+        _check_shapes(report, p, det, headers[p], ref, ref_shapes)
+        largest = _check_dtypes_and_count(report, p, headers[p], largest)
     report.largest_tensor = largest
 
-    # 4. values
-    if scan:
-        for p, h in headers.items():
-            try:
-                res = scan_nonfinite(p, h)
-            except CheckpointError as e:
-                problems.append(str(e))
-                continue
-            report.nonfinite[p] = res
-            if res.total:
-                msg = f"{p}: {res.describe()}"
-                (problems if nonfinite_is_error else report.warnings).append(msg)
 
+def _check_keys(report: PreflightReport, p: str, det: Detection, require_keys: bool) -> None:
+    """Missing non-optional keys (a problem, or a warning without ``require_keys``); extra keys (a warning)."""
+    if det.missing:
+        report.missing_keys[p] = list(det.missing)
+        msg = f"{p}: {len(det.missing)} required SDXL keys missing: {_list_keys(det.missing)}"
+        if require_keys:
+            report.problems.append(msg)
+        else:
+            report.warnings.append(msg + " (they are taken from the other inputs)")
+    if det.extra:
+        report.extra_keys[p] = list(det.extra)
+        report.warnings.append(
+            f"{p}: {len(det.extra)} keys outside the SDXL manifest will be ignored: {_list_keys(det.extra, 4)}"
+        )
+
+
+def _check_shapes(
+    report: PreflightReport,
+    p: str,
+    det: Detection,
+    header: SafetensorsHeader,
+    ref: Optional[str],
+    ref_shapes: Dict[str, Tuple[int, ...]],
+) -> None:
+    """Shapes that differ from the SDXL manifest, then those that differ from the reference's."""
+    for key, expected, got in det.wrong_shape:
+        report.problems.append(f"{p}: key {key} has shape {list(got)}, SDXL expects {list(expected)}")
+    if p != ref and ref_shapes:
+        shapes = canonical_shapes(header)
+        for key, shape in shapes.items():
+            rs = ref_shapes.get(key)
+            if rs is not None and rs != shape and not any(k == key for k, _, _ in det.wrong_shape):
+                report.problems.append(f"{p}: key {key} has shape {list(shape)} but {ref} has {list(rs)}")
+
+
+def _check_dtypes_and_count(
+    report: PreflightReport, p: str, header: SafetensorsHeader, largest: Tuple[str, int]
+) -> Tuple[str, int]:
+    """Dtypes the merge cannot read (what the loader can turn into a tensor: the names of
+    io.writer.TORCH_DTYPES); adds the file's bytes to read; returns the largest tensor so far."""
+    for name, info in header.tensors.items():
+        if canonical_name(name) is not None:
+            if info.dtype not in dtypes.READABLE:
+                report.problems.append(f"{p}: key {name} has dtype {info.dtype}, which the merge cannot read")
+            report.bytes_to_read += info.nbytes
+            if info.numel > largest[1]:
+                largest = (name, info.numel)
+    return largest
+
+
+def _check_values(report: PreflightReport, headers: Dict[str, SafetensorsHeader], nonfinite_is_error: bool) -> None:
+    """Read every tensor once: NaN/inf values are warnings, or problems with ``nonfinite_is_error``."""
+    for p, h in headers.items():
+        try:
+            res = scan_nonfinite(p, h)
+        except CheckpointError as e:
+            report.problems.append(str(e))
+            continue
+        report.nonfinite[p] = res
+        if res.total:
+            msg = f"{p}: {res.describe()}"
+            (report.problems if nonfinite_is_error else report.warnings).append(msg)
+
+
+def _concluded(report: PreflightReport) -> PreflightReport:
+    """Log the warnings; raise :class:`PreflightError` listing the problems, if any."""
     for w in report.warnings:
         logger.warning("%s", w)
-    if problems:
-        raise PreflightError(problems, report)
+    if report.problems:
+        raise PreflightError(report.problems, report)
     logger.info("preflight: %s", report.summary())
     return report

@@ -323,20 +323,54 @@ def build_recipe(
     not SDXL base-family, missing keys) or no model is left. ``cache`` is a
     :class:`~mergekit_sdxl.io.hashing.HashCache` (default: the user cache).
     """
-    method_s = Method(method).value if not isinstance(method, Method) else method.value
-    opts = RecipeOptions(
-        method=Method(method_s), scan=scan, allow_vpred_mix=allow_vpred_mix, seed=seed,
-        dtype=dtype, out_dtype=out_dtype, parameters=dict(parameters or {}),
+    opts = _recipe_options(
+        method, scan=scan, allow_vpred_mix=allow_vpred_mix, seed=seed, dtype=dtype, out_dtype=out_dtype, parameters=parameters
     )
+    method_s = opts.method.value
     if cache is None:
         from mergekit_sdxl.io.hashing import HashCache
 
         cache = HashCache()
     root = Path(directory).resolve()
     found = _discover(root)
-    files = found.files
     base_path = Path(base).resolve()
+    base_rep = _checked_base(base_path, scan, cache)
+    base_info = _info(base_rep, "base")
+    chosen = _choose_models(root, found, base_path, base_rep, base_info, cache, scan, allow_vpred_mix, skip)
+    base_pred = chosen.base_pred
+    params = _method_parameters(method_s, opts.parameters, seed)
+    header = _header_lines(method_s, len(chosen.kept), root, command, base_pred, allow_vpred_mix)
+    text = render_recipe_yaml(
+        base_info, chosen.kept, chosen.excluded, method=method_s, parameters=params, dtype=opts.dtype,
+        out_dtype=opts.out_dtype, allow_vpred_mix=allow_vpred_mix, header_lines=header,
+    )
+    return RecipeResult(
+        kept=chosen.kept, excluded=chosen.excluded, yaml_text=text, base=base_info, method=method_s,
+        prediction_type=base_pred, directory=str(root), reports=chosen.reports,
+    )
 
+
+def _recipe_options(
+    method: Union[str, Method],
+    *,
+    scan: bool,
+    allow_vpred_mix: bool,
+    seed: Optional[int],
+    dtype: str,
+    out_dtype: str,
+    parameters: Optional[Dict[str, Any]],
+) -> RecipeOptions:
+    """The recipe's options, validated (an unknown method raises ``ValueError``)."""
+    method_s = Method(method).value if not isinstance(method, Method) else method.value
+    return RecipeOptions(
+        method=Method(method_s), scan=scan, allow_vpred_mix=allow_vpred_mix, seed=seed,
+        dtype=dtype, out_dtype=out_dtype, parameters=dict(parameters or {}),
+    )
+
+
+def _checked_base(base_path: Path, scan: bool, cache: Any) -> FileReport:
+    """The base's inspection (hashed, scanned with ``scan``); :class:`RecipeError` when the base is
+    unreadable, not SDXL base-family, missing keys or holding NaN/inf values."""
     base_rep = inspect_file(base_path, hash=True, scan=scan, cache=cache)
     if not base_rep.ok:
         raise RecipeError(f"base model {base_path}: {base_rep.error}")
@@ -351,77 +385,118 @@ def build_recipe(
         raise RecipeError(f"base model {base_path}: {len(bdet.missing)} required SDXL keys missing, e.g. {bdet.missing[0]}")
     if base_rep.scan is not None and base_rep.scan.total:
         raise RecipeError(f"base model {base_path}: {base_rep.scan.describe()}")
-    base_info = _info(base_rep, "base")
-    base_pred = bdet.prediction_type
-    assert base_rep.header is not None
+    return base_rep
+
+
+@dataclass
+class _Choice:
+    """The discovered files sorted into kept and excluded ones."""
+
+    base_pred: str
+    kept: List[InputInfo] = field(default_factory=list)
+    excluded: List[Tuple[str, str]] = field(default_factory=list)
+    reports: Dict[str, FileReport] = field(default_factory=dict)
+    seen: Dict[str, str] = field(default_factory=dict)  # sha256 -> what has it (for duplicates)
+
+
+def _choose_models(
+    root: Path,
+    found: Discovery,
+    base_path: Path,
+    base_rep: FileReport,
+    base_info: InputInfo,
+    cache: Any,
+    scan: bool,
+    allow_vpred_mix: bool,
+    skip: Optional[Callable[[Path], Optional[str]]],
+) -> _Choice:
+    """Keep or exclude (with its reason) every discovered file, in path order; :class:`RecipeError`
+    when no model is kept."""
+    assert base_rep.detection is not None and base_rep.header is not None
     base_shapes = canonical_shapes(base_rep.header)
-
-    kept: List[InputInfo] = []
-    excluded: List[Tuple[str, str]] = []
-    reports: Dict[str, FileReport] = {str(base_path): base_rep}
-    seen: Dict[str, str] = {base_info.sha256: f"the base model {base_path.name}"}
-
+    chosen = _Choice(
+        base_pred=base_rep.detection.prediction_type,
+        reports={str(base_path): base_rep},
+        seen={base_info.sha256: f"the base model {base_path.name}"},
+    )
     # Folders and files discovery could not read are excluded rows too (never silently dropped),
     # in path order among the files.
     problems = {str(path): problem for path, problem in found.problems}
-    order = sorted([(_rel(path, root), str(path)) for path in files] + [(_rel(Path(p), root), p) for p in problems])
+    order = sorted([(_rel(path, root), str(path)) for path in found.files] + [(_rel(Path(p), root), p) for p in problems])
     for rel, p in order:
         if p in problems:
-            excluded.append((p, f"unreadable: {problems[p]}"))
+            chosen.excluded.append((p, f"unreadable: {problems[p]}"))
             continue
         own = skip(Path(p)) if skip is not None else None
         if own is not None:
-            excluded.append((p, own))
+            chosen.excluded.append((p, own))
             continue
-        # A bad file is an excluded row with its reason, whatever is wrong with it: inspect_file
-        # turns CheckpointError/OSError into rep.error; what is left here is plain file access.
-        try:
-            reason, rep = _file_verdict(p, cache, scan, seen, base_shapes, base_pred, allow_vpred_mix, base_path)
-        except CheckpointError as e:
-            reason, rep = f"unreadable: {e.message}", None
-        except OSError as e:
-            reason, rep = f"unreadable: {e.strerror or e}", None
-        if rep is not None:
-            reports[p] = rep
-        if reason is not None:
-            logger.info("excluding %s: %s", printable(rel), reason)
-            excluded.append((p, reason))
-            continue
-        assert rep is not None
-        assert rep.sha256 is not None
-        seen[rep.sha256] = rel
-        if rep.detection is not None and rep.detection.extra:
-            logger.warning("%s: %d keys outside the SDXL manifest will be ignored by the merge", printable(rel), len(rep.detection.extra))
-        if rep.detection is not None and rep.detection.prediction_type != base_pred:
-            logger.warning("%s: %s model kept beside a %s base (allow_vpred_mix)", printable(rel), rep.detection.prediction_type, base_pred)
-        kept.append(_info(rep, "model"))
-
-    if not kept:
-        detail = "; ".join(f"{Path(p).name}: {r}" for p, r in excluded) or "no .safetensors files found"
+        _choose_file(chosen, rel, p, cache, scan, base_shapes, allow_vpred_mix, base_path)
+    if not chosen.kept:
+        detail = "; ".join(f"{Path(p).name}: {r}" for p, r in chosen.excluded) or "no .safetensors files found"
         raise RecipeError(f"no usable SDXL checkpoints under {root} besides the base ({detail})")
+    return chosen
 
+
+def _choose_file(
+    chosen: _Choice,
+    rel: str,
+    p: str,
+    cache: Any,
+    scan: bool,
+    base_shapes: Dict[str, Tuple[int, ...]],
+    allow_vpred_mix: bool,
+    base_path: Path,
+) -> None:
+    """Keep one discovered file or exclude it with its reason."""
+    base_pred = chosen.base_pred
+    # A bad file is an excluded row with its reason, whatever is wrong with it: inspect_file
+    # turns CheckpointError/OSError into rep.error; what is left here is plain file access.
+    try:
+        reason, rep = _file_verdict(p, cache, scan, chosen.seen, base_shapes, base_pred, allow_vpred_mix, base_path)
+    except CheckpointError as e:
+        reason, rep = f"unreadable: {e.message}", None
+    except OSError as e:
+        reason, rep = f"unreadable: {e.strerror or e}", None
+    if rep is not None:
+        chosen.reports[p] = rep
+    if reason is not None:
+        logger.info("excluding %s: %s", printable(rel), reason)
+        chosen.excluded.append((p, reason))
+        return
+    assert rep is not None
+    assert rep.sha256 is not None
+    chosen.seen[rep.sha256] = rel
+    if rep.detection is not None and rep.detection.extra:
+        logger.warning("%s: %d keys outside the SDXL manifest will be ignored by the merge", printable(rel), len(rep.detection.extra))
+    if rep.detection is not None and rep.detection.prediction_type != base_pred:
+        logger.warning("%s: %s model kept beside a %s base (allow_vpred_mix)", printable(rel), rep.detection.prediction_type, base_pred)
+    chosen.kept.append(_info(rep, "model"))
+
+
+def _method_parameters(method_s: str, overrides: Dict[str, Any], seed: Optional[int]) -> Dict[str, Any]:
+    """The method's reference parameters, with the overrides and the seed (for a method that takes one)."""
     params = dict(METHOD_PARAMETERS[method_s])
-    params.update(opts.parameters)
+    params.update(overrides)
     if seed is not None:
         if "seed" in params:
             params["seed"] = int(seed)
         else:
             logger.warning("method %s takes no seed; --seed %s ignored", method_s, seed)
-    header = [
-        f"{RECIPE_HEADER} {method_s} over {len(kept)} models under {root}",
+    return params
+
+
+def _header_lines(
+    method_s: str, n_kept: int, root: Path, command: Optional[str], base_pred: str, allow_vpred_mix: bool
+) -> List[str]:
+    """The comment lines at the top of the recipe."""
+    return [
+        f"{RECIPE_HEADER} {method_s} over {n_kept} models under {root}",
         f"generated by: {command}" if command else "generated by: mergekit-sdxl recipe",
         f"base prediction type: {base_pred}" + (" (v-pred/eps mixing allowed)" if allow_vpred_mix else ""),
         "every input is pinned by the sha256 of the whole file; AutoV2 = its first 10 hex (CivitAI)",
         "merge with: mergekit-sdxl merge THIS.yaml OUT.safetensors",
     ]
-    text = render_recipe_yaml(
-        base_info, kept, excluded, method=method_s, parameters=params, dtype=opts.dtype,
-        out_dtype=opts.out_dtype, allow_vpred_mix=allow_vpred_mix, header_lines=header,
-    )
-    return RecipeResult(
-        kept=kept, excluded=excluded, yaml_text=text, base=base_info, method=method_s,
-        prediction_type=base_pred, directory=str(root), reports=reports,
-    )
 
 
 def _rel(path: Path, root: Path) -> str:

@@ -115,6 +115,7 @@ def test_merge_refuses_to_replace_a_file_it_did_not_write(workspace, monkeypatch
     assert _sha(other) == digest
 
 
+@pytest.mark.slow
 def test_partial_symlink_is_never_written_through(workspace, monkeypatch, capsys):
     victim = workspace["root"] / "victim.bin"
     victim.write_bytes(b"precious" * 1000)
@@ -127,6 +128,7 @@ def test_partial_symlink_is_never_written_through(workspace, monkeypatch, capsys
     assert not (workspace["root"] / "merged.safetensors.lock").exists()
 
 
+@pytest.mark.slow
 def test_printed_hash_is_the_files_and_metadata_has_no_user_paths(workspace, monkeypatch, capsys):
     from safetensors import safe_open
 
@@ -147,6 +149,7 @@ def test_printed_hash_is_the_files_and_metadata_has_no_user_paths(workspace, mon
     assert str(workspace["root"]) not in card
 
 
+@pytest.mark.slow
 def test_keep_paths_records_the_full_paths(workspace, monkeypatch, capsys):
     from safetensors import safe_open
 
@@ -161,6 +164,7 @@ def test_keep_paths_records_the_full_paths(workspace, monkeypatch, capsys):
 # ------------------------------------------------------------------ one writer per output
 
 
+@pytest.mark.slow
 def test_second_merge_to_a_locked_output_is_refused_naming_the_pid(workspace, monkeypatch, capsys):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from mergekit_sdxl.io.output_lock import OutputLock; "
@@ -201,6 +205,7 @@ def test_not_enough_free_space_is_refused_before_writing(workspace, monkeypatch,
     assert not (workspace["root"] / "merged.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_disk_full_mid_write_keeps_a_resumable_partial(workspace, monkeypatch, capsys, caplog):
     import errno
 
@@ -294,6 +299,7 @@ def test_run_config_out_over_an_input_is_refused(workspace, monkeypatch, capsys)
     assert _hashes(workspace) == before
 
 
+@pytest.mark.slow
 def test_run_twice_into_the_scanned_folder_never_takes_its_own_output(workspace, monkeypatch, capsys):
     args = ("run", "models", "models/merged.safetensors", "--base", "sdxl_base.safetensors", "--method", "ties_soup")
     code, out, err = _cli(monkeypatch, capsys, *args)
@@ -309,6 +315,7 @@ def test_run_twice_into_the_scanned_folder_never_takes_its_own_output(workspace,
 # ------------------------------------------------------------------ signals and bugs
 
 
+@pytest.mark.slow
 def test_signals_during_startup_exit_cleanly_without_traceback(workspace):
     """Ctrl-C / SIGTERM while torch and mergekit are being imported: 130 / 143, one line."""
     for delay, sig, expected in (
@@ -367,6 +374,7 @@ def test_clash_check_names_both_files(tmp_path):
     check_writes_do_not_clash([tmp_path / "b.safetensors"], [(a, "the base model")])
 
 
+@pytest.mark.slow
 def test_users_own_notes_beside_the_output_are_never_overwritten(workspace, monkeypatch, capsys):
     notes = workspace["root"] / "merged.md"
     notes.write_text("my notes about this merge\n")

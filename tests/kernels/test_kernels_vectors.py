@@ -1,7 +1,6 @@
 """The worked examples of the TGMD spec (tests/data/tgmd_vectors.json), reproduced exactly."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +15,9 @@ from mergekit_sdxl.kernels import (
     weiszfeld,
     weiszfeld_gram,
 )
+from tests.paths import DATA
 
-V = json.loads((Path(__file__).parent / "data" / "tgmd_vectors.json").read_text())
+V = json.loads((DATA / "tgmd_vectors.json").read_text())
 F64 = torch.float64
 
 
@@ -118,7 +118,7 @@ def test_t6_eps_clamp_duplicated_points():
     assert not torch.equal(res.median, torch.ones(4, dtype=F64))  # the eps clamp, not 1.0
     coeffs, _ = weiszfeld_gram(T6_POINTS @ T6_POINTS.T)
     assert torch.allclose(coeffs @ T6_POINTS, expected, rtol=0, atol=1e-12)
-    for maxiter, row in zip((1, 2, 3), V["T6_gm_maxiter1,2,3"]):
+    for maxiter, row in zip((1, 2, 3), V["T6_gm_maxiter1,2,3"], strict=True):
         assert torch.allclose(weiszfeld(T6_POINTS, maxiter=maxiter).median, t(row), rtol=0, atol=1e-11)
         c, iters = weiszfeld_gram(T6_POINTS @ T6_POINTS.T, maxiter=maxiter)
         assert iters == maxiter

@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 
 from mergekit_sdxl.sdxl.manifest import SDXL_KEYS, component_of
 
+pytestmark = pytest.mark.slow  # every test here starts mergekit-sdxl / mergekit-yaml processes
+
 BIN = Path(sys.executable).parent
 POSITION_IDS = "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"
 TEXT_PROJECTION = "conditioner.embedders.1.model.text_projection"

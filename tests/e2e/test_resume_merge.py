@@ -31,6 +31,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # every test here starts mergekit-sdxl / mergekit-yaml processes
+
 BIN = Path(sys.executable).parent
 MERGEKIT_SDXL = str(BIN / "mergekit-sdxl")
 OUT_NAME = "merged.safetensors"  # the same file name everywhere: its stem is in the metadata
@@ -106,7 +108,7 @@ def _write_inputs(folder: Path) -> List[Path]:
 class Merge:
     """One ``mergekit-sdxl merge`` process, watched from outside through its files."""
 
-    def __init__(self, config: Path, out: Path, launcher: "Launcher", extra: Sequence[str] = (), tag: str = "run"):
+    def __init__(self, config: Path, out: Path, launcher: Launcher, extra: Sequence[str] = (), tag: str = "run"):
         self.out = out
         self.partial = out.with_name(out.name + ".partial")
         self.journal = out.with_name(out.name + ".partial.journal")
@@ -250,7 +252,7 @@ for line in sys.stdin:
 class _Forked:
     """Popen-like view of a child of the fork server."""
 
-    def __init__(self, server: "ForkServer", pid: int):
+    def __init__(self, server: ForkServer, pid: int):
         self.server, self.pid, self.returncode = server, pid, None
 
     def poll(self) -> Optional[int]:

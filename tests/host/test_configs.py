@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mergekit_sdxl.workflow.recipe import METHOD_PARAMETERS
 from mergekit_sdxl.sdxl.tiny import write_synthetic_sdxl
+from mergekit_sdxl.workflow.recipe import METHOD_PARAMETERS
+from tests.paths import CONFIGS
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SDXL_CONFIGS = ["astolfomix-xl-tgmd.yaml", "ties-soup.yaml", "block-weights.yaml", "vae-from-model.yaml"]
 LLM_CONFIGS = ["llm-tgmd.yaml"]
 PLACEHOLDER = re.compile(r"/path/to/[A-Za-z0-9_./+@-]+")
@@ -47,7 +47,7 @@ def llama_template(tmp_path_factory):
 def materialize(name: str, tmp_path: Path, sdxl_template: Path, llama_template=None) -> str:
     """Config text with every /path/to/... placeholder replaced by a real file or folder."""
     lines = (CONFIGS / name).read_text().splitlines(keepends=True)
-    code = [i for i, l in enumerate(lines) if not l.lstrip().startswith("#")]  # comments keep theirs
+    code = [i for i, line in enumerate(lines) if not line.lstrip().startswith("#")]  # comments keep theirs
     placeholders = sorted({ph for i in code for ph in PLACEHOLDER.findall(lines[i].split(" #")[0])})
     assert placeholders, f"{name} has no placeholder paths"
     for ph in placeholders:

@@ -27,8 +27,8 @@ def ref_geomedian(points, weights, eps, maxiter, ftol):
     y = sum(points) / n
     f = sum(float(torch.sqrt(((p - y) ** 2).sum())) for p in points) / n
     for _ in range(maxiter):
-        w = [b / max(float(torch.sqrt(((p - y) ** 2).sum())), eps) for p, b in zip(points, weights)]
-        y = sum(wi * p for wi, p in zip(w, points)) / sum(w)
+        w = [b / max(float(torch.sqrt(((p - y) ** 2).sum())), eps) for p, b in zip(points, weights, strict=True)]
+        y = sum(wi * p for wi, p in zip(w, points, strict=True)) / sum(w)
         f_new = sum(float(torch.sqrt(((p - y) ** 2).sum())) for p in points) / n
         done = abs(f - f_new) <= ftol * f_new
         f = f_new
@@ -40,7 +40,7 @@ def ref_geomedian(points, weights, eps, maxiter, ftol):
 def ref_tgmd(base, models, density, vote, aggregate, weights, lam=1.0, eps=1e-6, maxiter=100, ftol=1e-20):
     b = base.double().flatten()
     deltas = []
-    for m, k in zip(models, density):
+    for m, k in zip(models, density, strict=True):
         d = m.double().flatten() - b
         if k < 1:
             keep = int(k * d.numel() + 1e-9)
@@ -58,7 +58,7 @@ def ref_tgmd(base, models, density, vote, aggregate, weights, lam=1.0, eps=1e-6,
         else:
             g = torch.sign(sum(deltas))
         agree = [((torch.sign(d) == g) & (d != 0)).double() for d in deltas]
-        us = [d * a for d, a in zip(deltas, agree)]
+        us = [d * a for d, a in zip(deltas, agree, strict=True)]
     if aggregate == "mean":
         cnt = sum(agree)
         res = torch.where(cnt > 0, sum(us) / cnt.clamp(min=1), torch.zeros_like(b))

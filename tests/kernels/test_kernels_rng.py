@@ -103,7 +103,7 @@ def test_keep_masks_is_stacked_keep_mask(start, count, probs):
     keys = [f"models/m{i}.safetensors" for i in range(len(probs))]
     got = keep_masks(240603, "k.weight", keys, start, count, probs)
     assert got.shape == (len(probs), count) and got.dtype == torch.bool
-    for j, (key, p) in enumerate(zip(keys, probs)):
+    for j, (key, p) in enumerate(zip(keys, probs, strict=True)):
         assert torch.equal(got[j], keep_mask(240603, "k.weight", key, start, count, p))
 
 

@@ -22,7 +22,9 @@ from typing import Dict, List, Sequence
 
 import pytest
 
-GOLDEN = Path(__file__).parent / "data" / "golden_tensors_22f19e4.json"
+from tests.paths import DATA
+
+GOLDEN = DATA / "golden_tensors_22f19e4.json"
 _DOC = json.loads(GOLDEN.read_text(encoding="utf-8"))
 MERGES = list(_DOC["merges"])
 

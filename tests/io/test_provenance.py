@@ -6,10 +6,10 @@ import hashlib
 import json
 
 import pytest
+import torch
 import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
-import torch
 
 from mergekit_sdxl.io.provenance import (
     InputInfo,

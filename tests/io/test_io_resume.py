@@ -19,8 +19,7 @@ from safetensors.torch import load_file
 
 from mergekit_sdxl.io.journal import read_journal
 from mergekit_sdxl.io.writer import ResumeMismatch, StreamingCheckpointWriter
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.paths import REPO
 
 # Shared by this process and the child processes: the same entries and tensor data.
 MODEL_SRC = textwrap.dedent(

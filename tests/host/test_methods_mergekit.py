@@ -25,6 +25,7 @@ def _run(args, env=None, check=True) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 def test_methods_are_registered_by_the_post_import_hook():
     code = "from mergekit.merge_methods import registry; print(sorted(m for m in registry._METHODS if m in ('tgmd','ties_soup','geometric_median')))"
     on = _run([sys.executable, "-c", code]).stdout.strip()
@@ -116,6 +117,7 @@ def llamas(tmp_path_factory):
     return base, [_tiny_llama(root / f"ft{i}", i + 1, base=base) for i in range(3)]
 
 
+@pytest.mark.slow
 def test_mergekit_yaml_merges_a_tiny_llama_with_tgmd(llamas, tmp_path):
     base, models = llamas
     config = tmp_path / "llama.yaml"
@@ -140,6 +142,7 @@ def test_mergekit_yaml_merges_a_tiny_llama_with_tgmd(llamas, tmp_path):
     assert bool(torch.isfinite(logits).all())
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_identical_bytes_across_thread_counts(llamas, tmp_path):
     base, models = llamas
     config = tmp_path / "llama.yaml"
@@ -152,6 +155,7 @@ def test_same_config_and_seed_give_identical_bytes_across_thread_counts(llamas, 
     assert digests[0] == digests[1]
 
 
+@pytest.mark.slow
 def test_nan_input_is_left_out_with_a_warning_or_fails_by_option(llamas, tmp_path):
     base, models = llamas
     bad = tmp_path / "bad"
@@ -186,6 +190,7 @@ def test_nan_input_is_left_out_with_a_warning_or_fails_by_option(llamas, tmp_pat
 
 
 @pytest.mark.parametrize("module", ["mergekit_sdxl.host.methods", "mergekit_sdxl.host.tasks", "mergekit_sdxl.host.driver"])
+@pytest.mark.slow
 def test_any_plugin_module_imported_first_still_registers(module):
     code = (
         f"import {module}\n"

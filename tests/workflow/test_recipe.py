@@ -16,8 +16,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from mergekit_sdxl.workflow.recipe import METHOD_PARAMETERS, RecipeError, build_recipe, discover_checkpoints
 from mergekit_sdxl.sdxl.tiny import write_synthetic_sdxl
+from mergekit_sdxl.workflow.recipe import METHOD_PARAMETERS, RecipeError, build_recipe, discover_checkpoints
 
 W = 1 / 64
 U = "model.diffusion_model."
@@ -121,14 +121,14 @@ def test_recipe_yaml_parses_pins_and_orders(folder, cache):
     # each model line is preceded by its pin comment, equal to hashlib of the file
     lines = res.yaml_text.splitlines()
     pin = re.compile(r"^\s*# sha256: ([0-9a-f]{64})  autov2: ([0-9a-f]{10})  size: (\d+)$")
-    model_lines = [n for n, l in enumerate(lines) if l.strip().startswith("- model:")]
+    model_lines = [n for n, line in enumerate(lines) if line.strip().startswith("- model:")]
     assert len(model_lines) == len(res.kept)
-    for n, info in zip(model_lines, res.kept):
+    for n, info in zip(model_lines, res.kept, strict=True):
         m = pin.match(lines[n - 1])
         assert m, lines[n - 1]
         assert m.group(1) == sha(Path(info.path)) and m.group(2) == m.group(1)[:10]
         assert int(m.group(3)) == os.path.getsize(info.path)
-    bl = [n for n, l in enumerate(lines) if l.startswith("base_model:")][0]
+    bl = [n for n, line in enumerate(lines) if line.startswith("base_model:")][0]
     assert pin.match(lines[bl - 1]).group(1) == sha(folder["base"])
     # every excluded file is listed in the header comment with its reason
     for p, reason in res.excluded:

@@ -11,6 +11,7 @@ import pytest
 
 from mergekit_sdxl.io.discover import Discovery, discover_safetensors
 from mergekit_sdxl.text import printable
+from tests.paths import REPO
 
 
 def _touch(p: Path) -> Path:
@@ -134,6 +135,7 @@ def test_unreadable_subfolder_simulated(tmp_path, monkeypatch):
     ]
 
 
+@pytest.mark.slow
 def test_unreadable_subfolder_via_subprocess_as_nobody(tmp_path):
     """Root ignores chmod 000: repeat the check as an unprivileged user when we can become one."""
     if os.name != "posix" or os.geteuid() != 0:
@@ -155,7 +157,7 @@ def test_unreadable_subfolder_via_subprocess_as_nobody(tmp_path):
         "import sys; from mergekit_sdxl.io.discover import discover_safetensors as d; r = d(sys.argv[1]); "
         "print([p.name for p in r.files]); print([(p.name, w) for p, w in r.problems])"
     )
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
 
     def demote() -> None:
         os.setgid(nobody.pw_gid)
@@ -183,9 +185,10 @@ def test_root_errors(tmp_path):
         discover_safetensors(f)
 
 
+@pytest.mark.slow
 def test_no_heavy_imports():
     code = "import sys, mergekit_sdxl.io.discover, mergekit_sdxl.text; print('torch' in sys.modules, 'mergekit' in sys.modules)"
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.stdout.strip() == "False False", out.stderr
 

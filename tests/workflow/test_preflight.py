@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergekit_sdxl.workflow.preflight import PreflightError, inspect_file, preflight, scan_nonfinite
 from mergekit_sdxl.sdxl.header import read_header
 from mergekit_sdxl.sdxl.tiny import write_synthetic_sdxl
+from mergekit_sdxl.workflow.preflight import PreflightError, inspect_file, preflight, scan_nonfinite
 
 W = 1 / 64
 U = "model.diffusion_model."

@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
+
+pytestmark = pytest.mark.slow  # every test here starts mergekit-sdxl / mergekit-yaml processes
 
 BIN = Path(sys.executable).parent
 

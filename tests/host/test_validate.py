@@ -19,8 +19,8 @@ from mergekit_sdxl.host.validate import (
     parse_pins,
     validate_config,
 )
+from tests.paths import CONFIGS
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SRC = "recipe.yaml"
 
 
@@ -298,9 +298,9 @@ def test_vae_source_file_must_exist(files):
 
 
 def _recipe(files: Path, names=("a.safetensors", "ponyXL.safetensors")) -> str:
-    from mergekit_sdxl.workflow.recipe import METHOD_PARAMETERS, render_recipe_yaml
     from mergekit_sdxl.io.hashing import autov2
     from mergekit_sdxl.io.provenance import InputInfo
+    from mergekit_sdxl.workflow.recipe import METHOD_PARAMETERS, render_recipe_yaml
 
     def info(name: str, role: str) -> InputInfo:
         digest = sha(files / name)
@@ -322,9 +322,9 @@ def test_recipe_pins_round_trip(files):
 
 
 def test_built_recipe_round_trips(tmp_path, monkeypatch):
-    from mergekit_sdxl.workflow.recipe import build_recipe
     from mergekit_sdxl.io.hashing import HashCache
     from mergekit_sdxl.sdxl.tiny import write_synthetic_sdxl
+    from mergekit_sdxl.workflow.recipe import build_recipe
 
     monkeypatch.setenv("MERGEKIT_SDXL_CACHE_DIR", str(tmp_path / "cache"))
     (tmp_path / "models").mkdir()

@@ -102,6 +102,7 @@ def test_writer_tables_are_derived():
         assert n in writer.TORCH_DTYPES
 
 
+@pytest.mark.slow
 def test_import_is_torch_free():
     """header.py (and the table it uses) must be importable without torch."""
     code = (

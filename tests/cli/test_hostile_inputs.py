@@ -14,8 +14,8 @@ import typer
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from mergekit_sdxl.workflow.recipe import build_recipe
 from mergekit_sdxl.sdxl.tiny import write_synthetic_sdxl
+from mergekit_sdxl.workflow.recipe import build_recipe
 
 W = 1 / 64
 E = '{"dtype":"U8","shape":[2],"data_offsets":[0,2]}'
