@@ -24,6 +24,7 @@ from mergekit_sdxl.host.mergekit_api import MergeConfiguration, MergeOptions, me
 from mergekit_sdxl.host.planner import SDXLRules
 from mergekit_sdxl.host.plugin import register_all
 from mergekit_sdxl.host.streaming import bytes_read, stream_merge
+from mergekit_sdxl.host.validate import ValidatedConfig, check_contents, validate_config
 from mergekit_sdxl.io.hashing import HashCache
 from mergekit_sdxl.io.output_guard import (
     check_no_symlinks,
@@ -166,9 +167,11 @@ def run_sdxl_merge(
         raise MergeError("--multi-gpu is not supported by mergekit-sdxl merge (one device per merge); use --cuda")
     register_all()
     cache = HashCache()
-    loaded, roles = _checked_inputs(config_text, out_path, overrides, source, verify_pins, allow_base_in_models, cache)
+    label = source or "(given as text)"
+    loaded, roles, validated = _checked_inputs(config_text, out_path, overrides, source, label, allow_base_in_models)
     with OutputLock(out_path):
         report = _preflight(loaded, roles, preflight_scan)
+        check_contents(validated, source=label, sha256_of=cache.sha256, verify_pins=verify_pins)
         plan = MemoryPlan(budget_bytes=loaded.sdxl.memory_budget_bytes, adjust_threads=not options.multi_gpu)
         planned = plan_merge(loaded.config, options, SDXLRules(options=loaded.sdxl, plan=plan), [p for p, _ in roles])
         infos = [input_info(path, role=role, cache=cache) for path, role in roles]
@@ -196,17 +199,14 @@ def _checked_inputs(
     out_path: str,
     overrides: Optional[Dict],
     source: Optional[str],
-    verify_pins: bool,
+    label: str,
     allow_base_in_models: bool,
-    cache: HashCache,
-) -> Tuple[LoadedConfig, List[Tuple[str, str]]]:
+) -> Tuple[LoadedConfig, List[Tuple[str, str]], ValidatedConfig]:
     """The validated config and its ``(path, role)`` inputs; refuses any write onto an input."""
-    from mergekit_sdxl.host.validate import validate_config
-
     check_output_target(out_path, suffix=".safetensors")
-    label = source or "(given as text)"
-    validate_config(  # logs its warnings (copies of one file, ...)
-        config_text, source=label, allow_base_in_models=allow_base_in_models, sha256_of=cache.sha256, verify_pins=verify_pins
+    # Text and headers first; what needs whole files hashed (pins, copies) waits for preflight.
+    validated = validate_config(
+        config_text, source=label, allow_base_in_models=allow_base_in_models, sha256_of=None, verify_pins=False
     )
     loaded = load_config(config_text, overrides, source=label)
     roles = input_paths(loaded.config, loaded.sdxl)
@@ -223,7 +223,7 @@ def _checked_inputs(
     for sidecar in sidecar_paths(out_path):
         check_not_foreign(sidecar, is_our_sidecar, "a model card or provenance file")
     _make_output_folder(out_path)
-    return loaded, roles
+    return loaded, roles, validated
 
 
 def _preflight(loaded: LoadedConfig, roles: Sequence[Tuple[str, str]], scan: bool) -> PreflightReport:

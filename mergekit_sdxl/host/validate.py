@@ -965,3 +965,15 @@ def validate_config(
     for note in warnings:
         LOG.warning("%s", note)
     return ValidatedConfig(raw=raw, method=spec.name, inputs=entries, pins=pins, warnings=pin_notes + warnings, config=config)
+
+
+def check_contents(validated: ValidatedConfig, *, source: str, sha256_of: Sha256Of, verify_pins: bool = True) -> List[str]:
+    """The checks that read whole files, run after the header checks: the recipe's sha256 pins
+    (an error naming the file) and copies of one file listed under two names (warnings, logged)."""
+    hasher = _Memo(sha256_of)
+    if verify_pins and validated.pins:
+        check_pins(validated.pins, hasher, source=source)
+    warnings = _same_content_warnings(validated.inputs, hasher, source)
+    for note in warnings:
+        LOG.warning("%s", note)
+    return warnings

@@ -398,3 +398,30 @@ def test_a_hand_written_config_is_never_overwritten_by_recipe(workspace, monkeyp
     assert code == 0, err
     code, _, err = _cli(monkeypatch, capsys, "recipe", "models", "--base", "sdxl_base.safetensors", "-o", "new.yaml")
     assert code == 0, err  # a recipe of ours is rewritten
+
+
+@pytest.mark.slow
+def test_an_input_replaced_after_recipe_is_refused_by_its_pin(workspace, monkeypatch, capsys):
+    code, _, err = _cli(monkeypatch, capsys, "recipe", "models", "--base", "sdxl_base.safetensors", "-o", "pinned.yaml")
+    assert code == 0, err
+    b = workspace["b"]
+    shutil.copyfile(workspace["a"], b)  # same size, other bytes: only the sha256 pin can tell
+    code, _, err = _cli(monkeypatch, capsys, "merge", "pinned.yaml", "merged.safetensors")
+    _assert_refused(code, err, "finetune_02.safetensors", "pins")
+    assert not (workspace["root"] / "merged.safetensors").exists()
+    code, _, err = _cli(monkeypatch, capsys, "merge", "pinned.yaml", "merged.safetensors", "--no-verify-pins")
+    assert code == 0, err
+
+
+@pytest.mark.slow
+def test_a_bad_header_is_reported_before_any_input_is_hashed(workspace, monkeypatch, capsys):
+    from mergekit_sdxl.io import hashing
+
+    hashed = []
+    real = hashing.HashCache.sha256
+    monkeypatch.setattr(hashing.HashCache, "sha256", lambda self, p, progress=False: hashed.append(p) or real(self, p, progress))
+    with open(workspace["b"], "r+b") as f:
+        f.write(b"\xff" * 8)  # header length beyond the file
+    code, _, err = _cli(monkeypatch, capsys, "merge", "recipe.yaml", "merged.safetensors")
+    _assert_refused(code, err, "finetune_02.safetensors")
+    assert hashed == []
