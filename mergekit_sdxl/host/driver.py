@@ -38,6 +38,7 @@ from mergekit_sdxl.io.provenance import (
     InputInfo,
     build_metadata,
     input_info,
+    is_merge_output,
     is_our_sidecar,
     publishable_recipe,
     sidecar_paths,
@@ -219,7 +220,7 @@ def _checked_inputs(
         guarded.append((source, "the config file"))
     check_writes_do_not_clash(writes, guarded)
     check_no_symlinks(writes[2:])  # the .partial may be a stale link: the writer replaces it
-    _refuse_foreign_output(out_path)
+    check_not_foreign(out_path, is_merge_output, "a merge")
     for sidecar in sidecar_paths(out_path):
         check_not_foreign(sidecar, is_our_sidecar, "a model card or provenance file")
     _make_output_folder(out_path)
@@ -284,17 +285,6 @@ def _make_output_folder(out_path: str) -> None:
 
 def _role_label(role: str) -> str:
     return {"base": "the base model", "vae": "the VAE donor"}.get(role, "the input model")
-
-
-def _refuse_foreign_output(out_path: str) -> None:
-    """An existing file under the output name is replaced only if an earlier merge made it."""
-    from mergekit_sdxl.io.provenance import is_merge_output
-
-    if os.path.lexists(out_path) and not is_merge_output(out_path):
-        raise MergeError(
-            f"{out_path}: exists and was not written by mergekit-sdxl; refusing to replace it "
-            "(move it or choose another output name)"
-        )
 
 
 def _check_free_space(writer: StreamingCheckpointWriter) -> None:

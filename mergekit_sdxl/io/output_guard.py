@@ -128,7 +128,10 @@ def check_not_foreign(path: PathLike, is_ours: Callable[[Path], bool], what: str
     it (``is_ours``): a user's own notes or config are never overwritten."""
     target = Path(path)
     if target.is_file() and not is_ours(target):
-        raise OutputError(f"{target}: exists and is not {what} written by mergekit-sdxl; move it or choose another name")
+        raise OutputError(
+            f"{target}: exists and was not written by mergekit-sdxl (it is not {what}); refusing to replace it "
+            "(move it or choose another name)"
+        )
 
 
 class OwnOutputs:

@@ -16,12 +16,10 @@ from types import TracebackType
 from typing import Optional, Type, Union
 
 from mergekit_sdxl.errors import OutputError
-from mergekit_sdxl.io.safe_write import describe_os_error
+from mergekit_sdxl.io.safe_write import NOFOLLOW_CLOEXEC, describe_os_error
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 def lock_path_for(out_path: PathLike) -> Path:
@@ -66,7 +64,7 @@ class OutputLock:
 
     def _open(self) -> int:
         try:
-            fd = os.open(os.fspath(self.path), os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o644)
+            fd = os.open(os.fspath(self.path), os.O_RDWR | os.O_CREAT | NOFOLLOW_CLOEXEC, 0o644)
         except OSError as error:
             raise OutputError(describe_os_error(error, self.path)) from error
         if not stat.S_ISREG(os.fstat(fd).st_mode):

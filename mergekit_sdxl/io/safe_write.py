@@ -18,8 +18,8 @@ from mergekit_sdxl.errors import OutputError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+# Never follow a symlink at the last path component; never leak the descriptor to children.
+NOFOLLOW_CLOEXEC = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
 def describe_os_error(error: OSError, path: PathLike) -> str:
@@ -45,7 +45,7 @@ def describe_os_error(error: OSError, path: PathLike) -> str:
 
 def create_exclusive(path: PathLike, mode: int = 0o644) -> BinaryIO:
     """Create ``path`` for writing; fail if anything (a file, a symlink) already has that name."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW_CLOEXEC
     try:
         fd = os.open(os.fspath(path), flags, mode)
     except OSError as error:
@@ -56,7 +56,7 @@ def create_exclusive(path: PathLike, mode: int = 0o644) -> BinaryIO:
 def open_existing_nofollow(path: PathLike) -> BinaryIO:
     """Open an existing regular file for update, refusing a symlink or anything that is not a file."""
     try:
-        fd = os.open(os.fspath(path), os.O_RDWR | _NOFOLLOW | _CLOEXEC)
+        fd = os.open(os.fspath(path), os.O_RDWR | NOFOLLOW_CLOEXEC)
     except OSError as error:
         raise OutputError(describe_os_error(error, path)) from error
     import stat
