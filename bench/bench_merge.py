@@ -42,6 +42,20 @@ Usage
 every tensor's N inputs plus 3 float64 copies to be merged whole, in memory).
 ``--trace-reads`` additionally reruns tgmd in a child that records every byte range the loaders
 read, and prints the largest number of times any single input byte was read.
+
+``--time-split`` (issue 11) times the phases of each merge: start-up, preflight, plan, hash,
+merge, write, finish, exit. Each method then runs with an empty hash cache of its own (its inputs
+are hashed inside the timed run, as in a user's first merge; no prehash), with ``-v`` (INFO logs
+kept in the run's ``.log``), in a child that wraps the driver's steps with timers
+(``mergekit_sdxl.host.driver``: ``run_sdxl_merge``, ``_preflight``, ``check_contents``,
+``plan_merge``, ``input_info``, ``stream_merge``; ``HashCache.sha256``;
+``BackgroundHasher.sha256`` / ``wait_all``; ``StreamingCheckpointWriter.write`` / ``close``; a name the
+driver no longer has is skipped). Hashing on the main thread, or waiting there for the background
+hashes, counts as ``hash``; hashing on other threads is shown apart (overlapped). When the merge
+itself logs phase lines (``INFO ...: phase NAME: SECONDS s``), a second table shows those. E.g.
+base + 3 models at full width (27.8 GB of inputs; ~35 GB free disk needed)::
+
+    python bench/bench_merge.py --n 4 --width 1 --methods tgmd,linear --time-split --workdir /big/disk
 """
 
 from __future__ import annotations
@@ -296,7 +310,11 @@ def benchmark(args, paths: List[Path], env: Dict[str, str]) -> int:
         config = write_config(method, paths, runs, tag)
         out = runs / f"{tag}-{method}.safetensors"
         print(f"# {method}: {config}", flush=True)
-        r = merge(config, out, args.memory_budget, args.threads, env, args.extra)
+        if args.time_split:
+            cache = args.workdir / "hash-cache-split" / f"{tag}-{method}"
+            r = merge_split(config, out, args.memory_budget, args.threads, env, args.extra, cache)
+        else:
+            r = merge(config, out, args.memory_budget, args.threads, env, args.extra)
         r["method"] = method
         rows.append(r)
         status = "ok" if r["rc"] == 0 else f"FAILED rc={r['rc']} (see {r['log']})"
@@ -324,6 +342,8 @@ def benchmark(args, paths: List[Path], env: Dict[str, str]) -> int:
             f"{read if read is not None else '-'} | {ratio} | {vs} | "
             f"{(r['out_bytes'] or 0) / 1e6:.1f} | {r['load'][0]:.2f}->{r['load'][1]:.2f} |"
         )
+    if args.time_split:
+        print_split(rows)
     if args.json:
         Path(args.json).write_text(json.dumps({"n": len(paths), "width": args.width, "input_bytes": total_in, "rows": rows}, indent=1))
     return 1 if failed else 0
@@ -479,6 +499,158 @@ def trace_reads(args, paths: List[Path], env: Dict[str, str]) -> None:
         _clean_output(out)
 
 
+SPLIT_CHILD = r"""
+import atexit, json, sys, threading, time
+T0, EPOCH0 = time.monotonic(), time.time()
+report_path = sys.argv.pop(1)
+spans, patched = [], []
+
+def timed(name, fn):
+    def wrapper(*args, **kwargs):
+        start = time.monotonic()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spans.append((name, start - T0, time.monotonic() - T0, threading.get_ident()))
+    return wrapper
+
+def patch(owner, attr, name):
+    if hasattr(owner, attr):
+        setattr(owner, attr, timed(name, getattr(owner, attr)))
+        patched.append(f"{owner.__name__}.{attr}")
+
+try:
+    from mergekit_sdxl.host import driver
+    for attr, name in [("run_sdxl_merge", "run"), ("_preflight", "preflight"), ("check_contents", "checks"),
+                       ("plan_merge", "plan"), ("input_info", "provenance"), ("stream_merge", "merge+write")]:
+        patch(driver, attr, name)
+    from mergekit_sdxl.io import hashing, writer
+    patch(hashing.HashCache, "sha256", "hash")
+    patch(writer.StreamingCheckpointWriter, "write", "write")
+    patch(writer.StreamingCheckpointWriter, "close", "finish")
+    try:
+        from mergekit_sdxl.io import background_hash
+        patch(background_hash.BackgroundHasher, "sha256", "hash wait")
+        patch(background_hash.BackgroundHasher, "wait_all", "hash wait")
+    except ImportError:
+        pass
+except Exception as exc:
+    print(f"time-split instrumentation incomplete: {exc!r}", file=sys.stderr)
+
+def dump():
+    with open(report_path, "w") as fh:
+        json.dump({"spans": spans, "patched": patched, "end": time.monotonic() - T0, "epoch0": EPOCH0,
+                   "epoch_end": time.time()}, fh)
+
+atexit.register(dump)
+from mergekit_sdxl.cli.entry import main
+main()
+"""
+
+# What the merge may log itself (requested of the driver for issue 11): "phase NAME: SECONDS s".
+PHASE_LINE = re.compile(r"\bphase ([A-Za-z0-9_+\-]+): ([0-9]+(?:\.[0-9]+)?) s\b")
+SPLIT_COLUMNS = ("start-up", "preflight+checks", "plan", "hash", "merge", "write", "finish", "exit", "other")
+
+
+def merge_split(config: Path, out: Path, budget: Optional[str], threads: Optional[int], env: Dict[str, str],
+                extra: List[str], cache_dir: Path) -> Dict:
+    """One merge with its phases timed (see ``--time-split``), an empty hash cache of its own."""
+    _clean_output(out)
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    report = out.with_suffix(".split.json")
+    report.unlink(missing_ok=True)
+    argv = [sys.executable, "-c", SPLIT_CHILD, str(report), "-v", "merge", str(config), str(out), "--quiet"]
+    if budget:
+        argv += ["--memory-budget", budget]
+    if threads:
+        argv += ["--threads", str(threads)]
+    argv += extra
+    launched = time.time()
+    result = run_child(argv, dict(env, MERGEKIT_SDXL_CACHE_DIR=str(cache_dir)), out.with_suffix(".log"))
+    result["out_bytes"] = out.stat().st_size if out.exists() else None
+    data = json.loads(report.read_text()) if report.exists() else None
+    result["split"] = split_phases(data, result["wall"], launched) if data else None
+    log = Path(result["log"]).read_text(encoding="utf-8")
+    result["logged_phases"] = [(m.group(1), float(m.group(2))) for m in PHASE_LINE.finditer(log)]
+    return result
+
+
+def split_phases(report: Dict, wall: float, launched: float) -> Dict[str, float]:
+    """Seconds per phase of the merge's main thread from the timed spans; hashing on the main
+    thread (or waiting for the background hashes there) counts as ``hash``, not as the step it
+    happened in. ``hash in background``: hashing on other threads, overlapped, not in the sum."""
+    spans = report["spans"]
+    run = next((sp for sp in spans if sp[0] == "run"), None)
+    main = run[3] if run else None
+    on_main = [sp for sp in spans if sp[3] == main]
+    hashing = [sp for sp in on_main if sp[0] in ("hash", "hash wait")]
+
+    def outermost(items: List) -> List:
+        return [x for x in items if not any(y is not x and y[1] <= x[1] and x[2] <= y[2] for y in items)]
+
+    hash_outer = outermost(hashing)
+
+    def own(*names: str) -> float:
+        total = 0.0
+        for name, a, b, _ in on_main:
+            if name in names:
+                total += (b - a) - sum(hb - ha for _, ha, hb, _ in hash_outer if a <= ha and hb <= b)
+        return total
+
+    start = run[1] if run else 0.0
+    phases = {
+        # interpreter start, imports, plugin registration, CLI parsing
+        "start-up": (report["epoch0"] - launched) + start,
+        "preflight+checks": own("preflight", "checks"),
+        "plan": own("plan"),
+        "hash": sum(b - a for _, a, b, _ in hash_outer),
+        # stream_merge less the writer's own write calls: reading the inputs and the kernels
+        "merge": own("merge+write") - own("write"),
+        "write": own("write"),
+        "finish": own("finish"),
+        # after the merge returned: the report lines, atexit handlers, interpreter teardown
+        "exit": (launched + wall) - (report["epoch0"] + (run[2] if run else report["end"])),
+    }
+    phases["other"] = wall - sum(phases.values())
+    phases["hash in background"] = sum(b - a for name, a, b, t in spans if name == "hash" and t != main)
+    return phases
+
+
+def print_split(rows: List[Dict]) -> None:
+    print()
+    print("Time split (s) of the merge's main thread, from timers around the driver's steps, inputs hashed with an "
+          "empty cache: 'hash' = hashing on the main thread or waiting there for the background hashes; 'merge' = "
+          "reading the inputs and merging; 'write' = the writer's write calls; 'finish' = fsync, verify, rename, "
+          "sidecars; 'exit' = "
+          "from the merge's return to the process's end (report, teardown); 'other' = provenance, writer set-up "
+          "and the rest of the wall time; 'hash in background' = hashing overlapped on other "
+          "threads (not part of the wall-time sum):")
+    print()
+    columns = SPLIT_COLUMNS + ("hash in background",)
+    print("| method | wall s | " + " | ".join(columns) + " | peak RSS MB | GB read |")
+    print("|---|---:|" + "---:|" * len(columns) + "---:|---:|")
+    for r in rows:
+        split = r.get("split") or {}
+        cells = [f"{split[c]:.1f}" if c in split else "-" for c in columns]
+        print(f"| {r['method']} | {r['wall']:.1f} | " + " | ".join(cells) + f" | {r['peak'] / 1e6:.0f} | {r['read_gb'] if r['read_gb'] is not None else '-'} |")
+    logged = [r for r in rows if r.get("logged_phases")]
+    if not logged:
+        print()
+        print("(the merge logged no 'phase NAME: SECONDS s' lines; the table above is from the timers)")
+        return
+    names = list(dict.fromkeys(name for r in logged for name, _ in r["logged_phases"]))
+    print()
+    print("Phases as the merge logs them (s):")
+    print()
+    print("| method | wall s | " + " | ".join(names) + " |")
+    print("|---|---:|" + "---:|" * len(names))
+    for r in logged:
+        got: Dict[str, float] = {}
+        for name, sec in r["logged_phases"]:
+            got[name] = got.get(name, 0.0) + sec
+        print(f"| {r['method']} | {r['wall']:.1f} | " + " | ".join(f"{got[n]:.1f}" if n in got else "-" for n in names) + " |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--n", type=int, default=16, help="number of input files, base included (default 16)")
@@ -493,6 +665,7 @@ def main() -> int:
     parser.add_argument("--keep-output", action="store_true", help="keep the merged files (default: delete after measuring)")
     parser.add_argument("--compare-budgets", default=None, help="e.g. 64MB,inmem: tgmd under each budget, compare sha256")
     parser.add_argument("--trace-reads", action="store_true", help="also run tgmd with every read range recorded")
+    parser.add_argument("--time-split", action="store_true", help="time start-up / plan / hash / merge / write / finish of each merge (no prehash)")
     parser.add_argument("--json", default=None, help="also write the raw measurements here")
     parser.add_argument("extra", nargs="*", help="after --: extra options for mergekit-sdxl merge")
     args = parser.parse_args()
@@ -508,12 +681,16 @@ def main() -> int:
     paths = input_paths(args.workdir, args.n, args.width, args.seed, args.noise)
     ensure_inputs(paths, args.width, args.seed, args.noise)
     env = child_env(args.workdir)
-    prehash(paths, args.workdir / "hash-cache")
+    if not args.time_split:  # a time split hashes inside the timed run, with a cache of its own
+        prehash(paths, args.workdir / "hash-cache")
     if args.compare_budgets:
-        return compare_budgets(args, paths, env)
-    rc = benchmark(args, paths, env)
-    if args.trace_reads:
-        trace_reads(args, paths, env)
+        rc = compare_budgets(args, paths, env)
+    else:
+        rc = benchmark(args, paths, env)
+        if args.trace_reads:
+            trace_reads(args, paths, env)
+    print()
+    print("Command: `.venv/bin/python bench/bench_merge.py " + " ".join(sys.argv[1:]) + "`")
     return rc
 
 

@@ -4,7 +4,9 @@ Writes a base and a few fine-tunes (plus an SD1-like file and a duplicate, so th
 recipe has something to exclude), inspects them, writes the recipe, merges, and
 loads the result in diffusers when it is installed. Without diffusers (a plain install,
 no test extra) the checkpoints are synthetic SDXL files: the same keys, mergeable, not
-loadable; the load is skipped with one line.
+loadable; the load is skipped with one line. It ends with the merge's report
+(``OUTDIR/report/index.html``, its path printed) when the ``report`` extra (matplotlib) is
+installed; without it, one line says how to get it.
 """
 
 from __future__ import annotations
@@ -107,5 +109,22 @@ def run_demo(outdir: Path, n_models: int = 4, method: str = "tgmd") -> None:
     typer.echo("4/4 loading the merge in diffusers")
     if not loadable:
         typer.echo("    diffusers is not installed (pip install -e '.[test]'); skipped")
+    else:
+        _denoise(out, outdir / "diffusers_config")
+    _report(config, out, outdir / "report")
+
+
+def _report(config: Path, out: Path, folder: Path) -> None:
+    """The report of the demo's merge (from the merged file: no second merge); needs the report extra."""
+    from mergekit_sdxl.cli.report_cmd import write_merge_report
+    from mergekit_sdxl.io.report_figures import REPORT_EXTRA_HINT, MissingExtraError, require_matplotlib
+
+    try:
+        require_matplotlib()
+    except MissingExtraError:
+        typer.echo(f"report: skipped, matplotlib is not installed ({REPORT_EXTRA_HINT})")
         return
-    _denoise(out, outdir / "diffusers_config")
+    page = write_merge_report(
+        config.read_text(encoding="utf-8"), folder, source=str(config), merged=str(out), overrides={"memory_budget": "1GB"}
+    )
+    typer.echo(f"report written to {page}")

@@ -152,11 +152,15 @@ def run_command(
 
 
 def _mount_surfaces() -> None:
+    from mergekit_sdxl.cli.import_mecha_cmd import import_mecha_command
     from mergekit_sdxl.cli.inspect_cmd import inspect_command
     from mergekit_sdxl.cli.recipe_cmd import recipe_command
+    from mergekit_sdxl.cli.report_cmd import report_command
 
     app.command("inspect")(inspect_command)
     app.command("recipe")(recipe_command)
+    app.command("import-mecha")(import_mecha_command)
+    app.command("report")(report_command)
 
 
 _mount_surfaces()

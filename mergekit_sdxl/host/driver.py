@@ -4,6 +4,11 @@ The steps, each its own function: :func:`_checked_inputs` (the config validated,
 the merge writes checked against every input), the output lock, preflight, planning
 (``host/merge_planning.py``), provenance, and streaming (``host/streaming.py``) into ONE
 single-file checkpoint that appears under its name only when complete and verified.
+
+The inputs' sha256 (for provenance) are computed by background threads from right after preflight,
+in parallel with planning and the merge (``io/background_hash.py``); only what must be known first
+is hashed first (sha256 pins, files that may be copies of each other). The header is written with
+same-length placeholders for the hashes still unknown and completed in place at close.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from mergekit_sdxl.errors import OutputError, UsageError, UserError
 from mergekit_sdxl.host.checkpoint import is_checkpoint_file
@@ -25,7 +30,8 @@ from mergekit_sdxl.host.planner import SDXLRules
 from mergekit_sdxl.host.plugin import register_all
 from mergekit_sdxl.host.streaming import bytes_read, stream_merge
 from mergekit_sdxl.host.validate import ValidatedConfig, check_contents, validate_config
-from mergekit_sdxl.io.hashing import HashCache
+from mergekit_sdxl.io.background_hash import BackgroundHasher
+from mergekit_sdxl.io.hashing import HashCache, sample_digest
 from mergekit_sdxl.io.output_guard import (
     check_no_symlinks,
     check_not_foreign,
@@ -37,11 +43,12 @@ from mergekit_sdxl.io.output_lock import OutputLock
 from mergekit_sdxl.io.provenance import (
     InputInfo,
     build_metadata,
-    input_info,
     is_merge_output,
     is_our_sidecar,
+    pending_input_info,
     publishable_recipe,
     sidecar_paths,
+    with_sha256,
     write_sidecars,
 )
 from mergekit_sdxl.io.safe_write import describe_os_error
@@ -89,9 +96,9 @@ def load_config(text: str, overrides: Optional[Dict] = None, *, source: str = "c
     """Parse a mergekit YAML with an optional ``sdxl:`` section (CLI overrides win)."""
     from pydantic import ValidationError
 
-    from mergekit_sdxl.host.validate import load_yaml
+    from mergekit_sdxl.host.validate import expand_config, load_yaml
 
-    raw = load_yaml(text, source)
+    raw = expand_config(load_yaml(text, source), source)  # {mbw: ...} block weights -> mergekit filters
     section = dict(raw.pop("sdxl", None) or {})
     for key, value in (overrides or {}).items():
         if value is not None:
@@ -128,16 +135,23 @@ def input_paths(config: MergeConfiguration, sdxl: Optional[SDXLOptions] = None) 
     return pairs
 
 
-def fingerprint(config_text: str, inputs: Sequence[Tuple[str, int, int, str]], extra: str = "") -> str:
-    """Identity of a merge for resuming: config text, each input's path, size, mtime and sha256.
+def fingerprint(config_text: str, inputs: Sequence[Tuple[str, os.stat_result]], extra: str = "") -> str:
+    """Identity of a merge for resuming: config text, each input's path and file identity (size,
+    mtime, ctime, inode: what the hash cache trusts a file's sha256 by; ctime and inode cannot be
+    set back by hand, so a rewrite that restores the mtime still counts as a change).
 
-    A JSON object rather than one digest, so that a refused resume can say what changed
+    No sha256: it is computed while the merge runs, and a resume must be decided before. A JSON
+    object rather than one digest, so that a refused resume can say what changed
     (``describe_fingerprint_change`` names the keys: ``config``, ``options``, ``input PATH``).
     """
     identity = {"config": hashlib.sha256(config_text.encode()).hexdigest(), "options": extra}
-    for path, size, mtime_ns, sha256 in inputs:
-        identity[f"input {path}"] = f"size {size}, mtime_ns {mtime_ns}, sha256 {sha256}"
+    for path, st in inputs:
+        identity[f"input {path}"] = _file_identity(st)
     return json.dumps(identity, sort_keys=True)
+
+
+def _file_identity(st: os.stat_result) -> str:
+    return f"size {st.st_size}, mtime_ns {st.st_mtime_ns}, ctime_ns {st.st_ctime_ns}, inode {st.st_ino}"
 
 
 def run_sdxl_merge(
@@ -172,23 +186,36 @@ def run_sdxl_merge(
     loaded, roles, validated = _checked_inputs(config_text, out_path, overrides, source, label, allow_base_in_models)
     with OutputLock(out_path):
         report = _preflight(loaded, roles, preflight_scan)
-        check_contents(validated, source=label, sha256_of=cache.sha256, verify_pins=verify_pins)
-        plan = MemoryPlan(budget_bytes=loaded.sdxl.memory_budget_bytes, adjust_threads=not options.multi_gpu)
-        planned = plan_merge(loaded.config, options, SDXLRules(options=loaded.sdxl, plan=plan), [p for p, _ in roles])
-        infos = [input_info(path, role=role, cache=cache) for path, role in roles]
-        metadata = _metadata(loaded, roles, infos, report, out_path, keep_paths)
-        writer = StreamingCheckpointWriter.open_or_resume(
-            out_path, planned.entries, metadata, fingerprint=_identity(loaded.text, infos, overrides), restart=restart
-        )
-        _check_free_space(writer)
-        start = bytes_read()
-        with writer:
-            stream_merge(writer, planned.targets, device=options.device or "cpu", quiet=options.quiet)
-            result = writer.close(
-                before_publish=lambda r: write_sidecars(
-                    out_path, metadata, r.sha256, r.autov2, infos, command=command, config_name=config_name, size=r.size
-                )
+        # Each input's identity before any of it is hashed: the fingerprint, and the check that
+        # nothing changed while the merge (and the hashing) read it.
+        stats = {path: _stat(path) for path, _ in roles}
+        with BackgroundHasher(cache, [p for p, _ in roles]) as hasher:
+            contents = _ContentIds(roles, validated, hasher, cache)
+            check_contents(validated, source=label, sha256_of=contents, verify_pins=verify_pins)
+            plan = MemoryPlan(budget_bytes=loaded.sdxl.memory_budget_bytes, adjust_threads=not options.multi_gpu)
+            planned = plan_merge(loaded.config, options, SDXLRules(options=loaded.sdxl, plan=plan), [p for p, _ in roles])
+            provenance = _Provenance(loaded, roles, report, out_path, keep_paths, hasher, contents.possible_copies)
+            writer = StreamingCheckpointWriter.open_or_resume(
+                out_path,
+                planned.entries,
+                provenance.metadata_now(),
+                fingerprint=_identity(loaded.text, stats, overrides),
+                restart=restart,
+                alternate_metadata=provenance.alternate,
             )
+            _check_free_space(writer)
+            start = bytes_read()
+            with writer:
+                stream_merge(writer, planned.targets, device=options.device or "cpu", quiet=options.quiet)
+                infos = provenance.final_infos()
+                _check_unchanged(stats)
+                metadata = provenance.metadata(infos)
+                result = writer.close(
+                    before_publish=lambda r: write_sidecars(
+                        out_path, metadata, r.sha256, r.autov2, infos, command=command, config_name=config_name, size=r.size
+                    ),
+                    final_metadata=metadata,
+                )
     cache.record(out_path, result.sha256)
     return MergeResult(
         write=result, keys=len(planned.entries), bytes_read=bytes_read() - start, seconds=time.monotonic() - started
@@ -240,39 +267,140 @@ def _preflight(loaded: LoadedConfig, roles: Sequence[Tuple[str, str]], scan: boo
     return report
 
 
-def _metadata(
-    loaded: LoadedConfig,
-    roles: Sequence[Tuple[str, str]],
-    infos: Sequence[InputInfo],
-    report: PreflightReport,
-    out_path: str,
-    keep_paths: bool,
-) -> Dict[str, str]:
-    config = loaded.config
-    recipe = loaded.text if keep_paths else publishable_recipe(loaded.text, [p for p, _ in roles])
-    return build_metadata(
-        recipe,
-        infos,
-        method=config.merge_method,
-        seed=str(dict(config.parameters or {}).get("seed", "")),
-        dtype=str(config.dtype or ""),
-        out_dtype=config.out_dtype or "float16",
-        title=Path(out_path).stem,
-        prediction_type=report.prediction_type,
-        plugin_version=__version__,
-        mergekit_version=mergekit_version(),
-    )
+class _ContentIds:
+    """What ``check_contents`` is given to tell inputs apart: the sha256 where it matters (a pinned
+    file; a file whose size and content samples equal another input's, a possible copy), and for
+    every other file its sample digest, which already proves it differs from every other input of
+    its size. So copies are still found before the merge, exactly, without hashing every file first
+    (SDXL checkpoints often have the very same size)."""
+
+    def __init__(
+        self, roles: Sequence[Tuple[str, str]], validated: ValidatedConfig, hasher: BackgroundHasher, cache: HashCache
+    ) -> None:
+        self._hasher, self._cache = hasher, cache
+        self._pinned = {os.path.realpath(pin.path) for pin in validated.pins}
+        self._samples: Dict[str, str] = {}
+        by_size: Dict[int, List[str]] = {}
+        for path, _ in roles:
+            by_size.setdefault(os.path.getsize(path), []).append(path)
+        seen: Dict[str, List[str]] = {}
+        for paths in by_size.values():
+            if len(paths) < 2:
+                continue
+            for path in paths:
+                digest = sample_digest(path)
+                self._samples[os.path.realpath(path)] = digest
+                seen.setdefault(digest, []).append(path)
+        self.possible_copies: Set[str] = {p for same in seen.values() if len(same) > 1 for p in same}
+        self._copies = {os.path.realpath(p) for p in self.possible_copies}
+
+    def __call__(self, path: str) -> str:
+        key = os.path.realpath(path)
+        if key in self._samples and key not in self._copies and key not in self._pinned:
+            return self._samples[key]
+        try:
+            return self._hasher.sha256(path)
+        except KeyError:  # not one of the merge's inputs as the driver lists them
+            return self._cache.sha256(path)
 
 
-def _identity(config_text: str, infos: Sequence[InputInfo], overrides: Optional[Mapping[str, Any]]) -> str:
+class _Provenance:
+    """The merge's metadata: with placeholders for the hashes not known yet, or final.
+
+    The placeholder version depends only on the config and the inputs' contents (never on how
+    far the hashing got), so a resumed merge writes the very header its partial output has.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedConfig,
+        roles: Sequence[Tuple[str, str]],
+        report: PreflightReport,
+        out_path: str,
+        keep_paths: bool,
+        hasher: BackgroundHasher,
+        possible_copies: Set[str],
+    ) -> None:
+        self._loaded, self._roles, self._report = loaded, roles, report
+        self._out_path, self._keep_paths, self._hasher = out_path, keep_paths, hasher
+        pending = [pending_input_info(path, role=role, index=i) for i, (path, role) in enumerate(roles)]
+        # A1111's sd_merge_models lists each sha256 once: files that may be copies get their
+        # real hashes here, so the placeholder header has the final one's length.
+        self._pending = [with_sha256(i, self._sha256(i.path)) if i.path in possible_copies else i for i in pending]
+        self._placeholders = self.metadata(self._pending)
+        self._final: Optional[Dict[str, str]] = None
+
+    def metadata(self, infos: Sequence[InputInfo]) -> Dict[str, str]:
+        """The ``__metadata__`` for ``infos`` (the inputs in config order)."""
+        loaded, config = self._loaded, self._loaded.config
+        recipe = loaded.text if self._keep_paths else publishable_recipe(loaded.text, [p for p, _ in self._roles])
+        return build_metadata(
+            recipe,
+            infos,
+            method=config.merge_method,
+            seed=str(dict(config.parameters or {}).get("seed", "")),
+            dtype=str(config.dtype or ""),
+            out_dtype=config.out_dtype or "float16",
+            title=Path(self._out_path).stem,
+            prediction_type=self._report.prediction_type,
+            plugin_version=__version__,
+            mergekit_version=mergekit_version(),
+        )
+
+    def metadata_now(self) -> Dict[str, str]:
+        """Final when every hash is already known (a warm cache, or hashing done during planning),
+        else with placeholders."""
+        if self._hasher.all_known():
+            self._final = self.metadata(self.final_infos())
+            return self._final
+        return self._placeholders
+
+    def alternate(self) -> Dict[str, str]:
+        """The version :meth:`metadata_now` did not give (the writer asks only when a partial output
+        has another header; the final one waits for the hashes)."""
+        if self._final is not None:
+            return self._placeholders
+        return self.metadata(self.final_infos())
+
+    def final_infos(self) -> List[InputInfo]:
+        """Every input with its sha256 (waits for the hashing threads, and helps them)."""
+        if not self._hasher.all_known():
+            LOG.info("waiting for the sha256 of the inputs")
+        return [with_sha256(info, self._sha256(info.path)) for info in self._pending]
+
+    def _sha256(self, path: str) -> str:
+        try:
+            return self._hasher.sha256(path)
+        except OSError as error:
+            raise MergeError(describe_os_error(error, path)) from error
+
+
+def _stat(path: str) -> os.stat_result:
+    try:
+        return os.stat(path)
+    except OSError as error:
+        raise MergeError(describe_os_error(error, path)) from error
+
+
+def _check_unchanged(stats: Mapping[str, os.stat_result]) -> None:
+    """Refuse to publish when an input changed while the merge and its hashing read it."""
+    for path, before in stats.items():
+        try:
+            now = _file_identity(os.stat(path))
+        except OSError as error:
+            raise MergeError(describe_os_error(error, path) + " (it was an input of this merge)") from error
+        if now != _file_identity(before):
+            raise MergeError(
+                f"{path}: changed while the merge read it ({_file_identity(before)} -> {now}); nothing was published. "
+                "Run the merge again with --restart"
+            )
+
+
+def _identity(config_text: str, stats: Mapping[str, os.stat_result], overrides: Optional[Mapping[str, Any]]) -> str:
     # The memory budget only changes how tensors are chunked, never the bytes: a merge killed
     # for lack of memory must be able to resume with a smaller --memory-budget.
     options = {k: v for k, v in (overrides or {}).items() if k != "memory_budget"}
-    return fingerprint(
-        config_text,
-        [(i.path, i.size, os.stat(i.path).st_mtime_ns, i.sha256) for i in infos],
-        json.dumps(options, sort_keys=True),
-    )
+    return fingerprint(config_text, list(stats.items()), json.dumps(options, sort_keys=True))
 
 
 def _make_output_folder(out_path: str) -> None:

@@ -164,6 +164,7 @@ class ChunkedMergeMethod(GroupMergeMethod):
         compute_dtype: torch.dtype,
         rows: int,
         out_dtype: Optional[torch.dtype],
+        reuse_bytes: int = 0,
     ) -> torch.Tensor:
         raise NotImplementedError
 
@@ -228,6 +229,7 @@ class TaskVectorMedianMethod(ChunkedMergeMethod):
         compute_dtype: torch.dtype,
         rows: int,
         out_dtype: Optional[torch.dtype],
+        reuse_bytes: int = 0,
     ) -> torch.Tensor:
         per_model, shared = parameters.per_model, parameters.shared
         params = TGMDParams(
@@ -258,6 +260,7 @@ class TaskVectorMedianMethod(ChunkedMergeMethod):
                 rows,
                 out_dtype=out_dtype,
                 on_bad_input=_bad_input_handler(inputs, shared["on_nonfinite"]),
+                reuse_bytes=reuse_bytes,
             )
 
 
@@ -284,6 +287,7 @@ class GeometricMedianMethod(ChunkedMergeMethod):
         compute_dtype: torch.dtype,
         rows: int,
         out_dtype: Optional[torch.dtype],
+        reuse_bytes: int = 0,
     ) -> torch.Tensor:
         per_model, shared = parameters.per_model, parameters.shared
         with _input_values_are_user_errors():
@@ -299,6 +303,7 @@ class GeometricMedianMethod(ChunkedMergeMethod):
                 rows_per_chunk=rows,
                 out_dtype=out_dtype,
                 on_bad_input=_bad_input_handler(inputs, shared["on_nonfinite"]),
+                reuse_bytes=reuse_bytes,
             )
 
 

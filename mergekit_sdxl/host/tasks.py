@@ -199,7 +199,9 @@ class MergeKeyTask(Task[Optional[torch.Tensor]]):
             method.spec, dict(task.parameters.items()), lambda model, key: task.input_parameters[model][key], others
         )
         rows = self.plan.rows_per_chunk(self.shape, len(task.model_order), compute)
-        return method.merge_readers(inputs, bound, compute, rows, out_dtype)
+        # Rows read from the files by the first pass are kept for the second, within the plan.
+        reuse = self.plan.reuse_bytes if self.from_files else 0
+        return method.merge_readers(inputs, bound, compute, rows, out_dtype, reuse)
 
     def _elementwise(
         self,

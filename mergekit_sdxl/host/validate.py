@@ -42,6 +42,8 @@ LOG = logging.getLogger(__name__)
 
 __all__ = [
     "ConfigError",
+    "expand_config",
+    "check_components",
     "InputEntry",
     "Pin",
     "ValidatedConfig",
@@ -338,7 +340,7 @@ def check_keys(raw: Dict[str, Any], source: str) -> None:
     for key, item in raw.items():
         if key == "sdxl":
             if item is not None and not isinstance(item, dict):
-                raise ConfigError(f"config {source}: sdxl: expected a mapping (vae:, memory_budget:, allow_vpred_mix:), got a {_kind(item)}")
+                raise ConfigError(f"config {source}: sdxl: expected a mapping (vae:, memory_budget:, allow_vpred_mix:, components:), got a {_kind(item)}")
             _walk(item or {}, SDXLOptions, "sdxl", source)
         elif key != "parameters":
             _walk(item, MergeConfiguration.model_fields[key].annotation, str(key), source)
@@ -556,22 +558,32 @@ def _setting_problems(method: str, spec: Any, setting: Any) -> Iterable[Tuple[st
                 yield where + (f" (gradient item {j})" if isinstance(value, list) else ""), item, problem
 
 
-def _check_scope(method: str, specs: Dict[str, Any], per_model: Dict[str, Any], params: Optional[Dict[str, Any]], prefix: str, one_model: bool, source: str) -> None:
+def _check_scope(
+    method: str,
+    specs: Dict[str, Any],
+    per_model: Dict[str, Any],
+    params: Optional[Dict[str, Any]],
+    prefix: str,
+    one_model: bool,
+    source: str,
+    scope: str = "the top-level parameters:",
+) -> None:
     for name, setting in (params or {}).items():
         allowed = per_model if one_model else specs
         if name not in allowed:
             if one_model and name in specs:
                 raise ConfigError(
                     f"config {source}: {prefix}{name!r} is a global parameter of merge method {method}; "
-                    f"mergekit ignores it when set per model: move it to the top-level parameters:"
+                    f"mergekit ignores it when set per model: move it to {scope}"
                 )
             raise ConfigError(f"config {source}: {prefix}unknown parameter {str(name)!r} for merge method {method}{_hint(name, allowed)}")
         for position, value, problem in _setting_problems(method, allowed[name], setting):
             raise ConfigError(f"config {source}: {prefix}parameter {name!r} = {_show(value)}{position}: {problem}")
 
 
-def _check_required(spec: Any, group: _Group, source: str) -> None:
-    """Required parameters that no scope sets (mergekit fails on them only while planning)."""
+def _check_required(spec: Any, group: _Group, source: str, scope: str = "the top-level parameters:") -> None:
+    """Required parameters that no scope sets (mergekit fails on them only while planning);
+    ``scope`` names the mapping where a shared value goes."""
     from mergekit_sdxl.host.mergekit_api import BasePolicy, ParameterScope
 
     def set_in(scopes: Iterable[Tuple[str, Optional[Dict[str, Any]]]], name: str) -> bool:
@@ -582,19 +594,19 @@ def _check_required(spec: Any, group: _Group, source: str) -> None:
         if not p.required or set_in(group.scopes, p.name):
             continue
         if p.scope == ParameterScope.SHARED:
-            raise ConfigError(f"config {source}: merge method {spec.name} needs parameter {p.name!r}: set it under parameters:")
+            raise ConfigError(f"config {source}: merge method {spec.name} needs parameter {p.name!r}: set it under {scope.replace('the top-level ', '')}")
         for entry in group.entries:
             is_base = base is not None and entry.ref == base  # mergekit compares references, not files
             if not set_in([("", entry.parameters)], p.name) and not (is_base and p.scope == ParameterScope.NON_BASE):
                 raise ConfigError(
                     f"config {source}: {entry.label}: merge method {spec.name} needs parameter {p.name!r} "
-                    "for every model: set it here or under the top-level parameters:"
+                    f"for every model: set it here or under {scope}"
                 )
         base_added = group.adds_base and spec.contract.base != BasePolicy.FORBIDDEN
         if p.scope == ParameterScope.INPUT and base is not None and base_added and all(e.ref != base for e in group.entries):
             raise ConfigError(
                 f"config {source}: {base_label} ({os.path.basename(base.path)}): merge method {spec.name} needs parameter "
-                f"{p.name!r} for the base too (mergekit adds the base to the inputs): set it under the top-level parameters:"
+                f"{p.name!r} for the base too (mergekit adds the base to the inputs): set it under {scope}"
             )
 
 
@@ -617,6 +629,7 @@ def check_parameters(raw: Dict[str, Any], source: str) -> None:
     each gradient point and each ``{filter, value}``, is checked against its type, range and
     finiteness, so ``lambda: .inf`` fails here and not after hours of merging.
     """
+    raw = expand_config(raw, source)  # {mbw: ...} settings are checked as the filter lists they stand for
     spec = check_method(raw, source)
     specs = {p.name: p for p in spec.parameters}
     per_model = {p.name: p for p in spec.input_parameters}
@@ -883,6 +896,151 @@ def check_pins(pins: Sequence[Pin], sha256_of: Optional[Sha256Of], *, source: st
             raise fail(pin, f"sha256 is {actual}, but the recipe pins {pin.sha256}")
 
 
+# --------------------------------------------------------------------------- block weights
+
+
+def _locator(text: str) -> Callable[[Sequence[Any]], Optional[str]]:
+    """``locate(path)``: "line L, column C" of the value at a path of keys and indices in ``text``."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        root = None
+
+    def locate(path: Sequence[Any]) -> Optional[str]:
+        node = root
+        for part in path:
+            if isinstance(node, yaml.MappingNode):
+                node = next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == str(part)), None)
+            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+                node = node.value[part]
+            else:
+                return None
+        return _where(node.start_mark) if node is not None else None
+
+    return locate
+
+
+def expand_config(raw: Dict[str, Any], source: str, text: Optional[str] = None) -> Dict[str, Any]:
+    """``raw`` with every ``{mbw: ...}`` block-weight setting expanded into mergekit's
+    ``{filter, value}`` list (:mod:`mergekit_sdxl.workflow.block_weights`); a bad one is a
+    ConfigError naming the entry and the parameter (and its line, given the config ``text``)."""
+    from mergekit_sdxl.workflow.block_weights import BlockWeightsError, expand_block_weights
+
+    try:
+        return expand_block_weights(raw, source=source, locate=_locator(text) if text is not None else None)
+    except BlockWeightsError as error:
+        raise ConfigError(str(error)) from None
+
+
+# --------------------------------------------------------------------------- per-component merges
+
+
+def _same_ref(a: _Ref, b: _Ref) -> bool:
+    # One file however its path is spelled (the planner matches the same way).
+    return (os.path.realpath(a.path), a.lora) == (os.path.realpath(b.path), b.lora)
+
+
+def _component_inputs(raw: Dict[str, Any], groups: List[_Group], name: str, where: str, source: str) -> Tuple[_Group, List[Any]]:
+    """The input list that feeds component ``name`` and its raw entries."""
+    if raw.get("models") is not None:
+        return next(g for g in groups if g.name == "models"), raw["models"]
+    modules = raw.get("modules")
+    if isinstance(modules, dict):
+        module = modules.get(name)
+        group = next((g for g in groups if g.name == f"modules.{name}.models"), None)
+        if group is not None and isinstance(module, dict):
+            return group, module["models"]
+        if module is None:
+            raise ConfigError(f"config {source}: {where}: the config's modules: has no {name} (nothing of it is merged)")
+        raise ConfigError(f"config {source}: {where}: needs modules.{name}.models:, not slices:")
+    raise ConfigError(f"config {source}: {where}: needs the inputs listed under models: (SDXL configs cannot use slices:)")
+
+
+def _check_component_source(value: Any, group: _Group, where: str, source: str) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"config {source}: {where}.source: expected 'base' or the path of one of the models, got {_show(value)}")
+    if value == "base":
+        if group.base is None:
+            raise ConfigError(f"config {source}: {where}.source: base, but the config has no base_model")
+        return
+    wanted = _parse_ref(value, f"{where}.source", source)
+    known = [e.ref for e in group.entries] + ([group.base[1]] if group.base is not None else [])
+    if not any(_same_ref(wanted, ref) for ref in known):
+        names = ", ".join(os.path.basename(r.path) for r in known)
+        raise ConfigError(
+            f"config {source}: {where}.source: {value} is not one of the models of this merge ({names}); "
+            "use base or the path of a listed model"
+        )
+
+
+def _component_entries(section: Dict[str, Any], group: _Group, where: str, source: str) -> List[_Entry]:
+    """The models of a component's merge: its own ``models:`` (each a model of the merge, once) or
+    all of the group's, without their per-model parameters."""
+    if section.get("models") is None:
+        return [_Entry(e.label, e.where, e.ref, None) for e in group.entries]
+    entries = _entries(_as_list(section["models"], f"{where}.models", source, "models"), f"{where}.models", source, "models")
+    for i, entry in enumerate(entries):
+        if not any(_same_ref(entry.ref, e.ref) for e in group.entries):
+            hint = " (mergekit adds the base to the inputs itself)" if group.base is not None and _same_ref(entry.ref, group.base[1]) else ""
+            raise ConfigError(f"config {source}: {entry.label}: not one of the config's models: list it under models: first{hint}")
+        earlier = next((e for e in entries[:i] if _same_ref(e.ref, entry.ref)), None)
+        if earlier is not None:
+            raise ConfigError(f"config {source}: {entry.label} is the same file as {earlier.label}: list each input once")
+    return entries
+
+
+def check_components(raw: Dict[str, Any], source: str) -> None:
+    """``sdxl.components``: each entry names unet, clip_l or clip_g and either copies it
+    (``source: base`` or the path of one of the models) or merges it with its own method,
+    parameters and models (a subset of the config's models), checked as the top level is."""
+    from mergekit_sdxl.host.mergekit_api import MergeConfiguration
+    from mergekit_sdxl.workflow.options import COMPONENT_OVERRIDES
+
+    sdxl = raw.get("sdxl")
+    components = sdxl.get("components") if isinstance(sdxl, dict) else None
+    if components is None:
+        return
+    if not isinstance(components, dict):
+        raise ConfigError(f"config {source}: sdxl.components: expected a mapping of components (unet:, clip_l:, clip_g:), got a {_kind(components)}")
+    groups = _groups(raw, source)
+    for name, section in components.items():
+        where = f"sdxl.components.{name}"
+        if name not in COMPONENT_OVERRIDES:
+            hint = " (the VAE is chosen with sdxl.vae.source)" if name == "vae" else _hint(name, COMPONENT_OVERRIDES)
+            raise ConfigError(f"config {source}: sdxl.components: unknown component {str(name)!r}{hint}")
+        if not isinstance(section, dict):
+            raise ConfigError(f"config {source}: {where}: expected a mapping (source:, or merge_method:/parameters:/models:), got a {_kind(section)}")
+        group, items = _component_inputs(raw, groups, name, where, source)
+        merge = [key for key in ("merge_method", "parameters", "models") if section.get(key) is not None]
+        if section.get("source") is not None:
+            if merge:
+                raise ConfigError(f"config {source}: {where}: source: copies {name} unmerged; remove {', '.join(k + ':' for k in merge)} or source:")
+            _check_component_source(section["source"], group, where, source)
+            continue
+        if not merge:
+            raise ConfigError(f"config {source}: {where}: give source: (copy it from base or one model) or merge_method:/parameters:/models: (merge it)")
+        method = section.get("merge_method", raw.get("merge_method"))
+        try:
+            spec = _method_spec(method, source)
+        except ConfigError as error:
+            raise ConfigError(str(error).replace(f"config {source}: ", f"config {source}: {where}: ", 1)) from None
+        params = _as_params(section.get("parameters"), where, source)
+        entries = _component_entries(section, group, where, source)
+        specs = {p.name: p for p in spec.parameters}
+        per_model = {p.name: p for p in spec.input_parameters}
+        _check_scope(spec.name, specs, per_model, params, f"{where}: ", False, source)
+        for entry in entries:
+            _check_scope(spec.name, specs, per_model, entry.parameters, f"{entry.label}: ", True, source, f"{where}.parameters:")
+        own = _Group(f"{where}.models", entries, group.base, [(where, params)], adds_base=True)
+        _check_base_policy(spec, [own], source)
+        _check_required(spec, own, source, scope=f"{where}.parameters:")
+        models = section["models"] if section.get("models") is not None else [{"model": item["model"]} for item in items]
+        sub = {"merge_method": spec.name, "models": models, "parameters": params}
+        if raw.get("base_model") is not None:
+            sub["base_model"] = raw["base_model"]
+        _pydantic_validate(MergeConfiguration, sub, where, source)
+
+
 # --------------------------------------------------------------------------- mergekit's own validation
 
 
@@ -942,10 +1100,12 @@ def validate_config(
     ``check_files=False`` checks only the text (templates with placeholder paths).
     Warnings are logged and returned.
     """
-    raw = load_yaml(text, source)
-    check_keys(raw, source)
+    loaded = load_yaml(text, source)
+    check_keys(loaded, source)
+    raw = expand_config(loaded, source, text)  # mergekit's own grammar from here on
     spec = check_method(raw, source)
     check_parameters(raw, source)
+    check_components(raw, source)
     check_dtypes(raw, source)
     config = _mergekit_config(raw, source)
     entries = config_entries(raw, source)
@@ -964,7 +1124,7 @@ def validate_config(
                 warnings.append(f"config {source}: sha256 pins checked by size only (no hasher given)")
     for note in warnings:
         LOG.warning("%s", note)
-    return ValidatedConfig(raw=raw, method=spec.name, inputs=entries, pins=pins, warnings=pin_notes + warnings, config=config)
+    return ValidatedConfig(raw=loaded, method=spec.name, inputs=entries, pins=pins, warnings=pin_notes + warnings, config=config)
 
 
 def check_contents(validated: ValidatedConfig, *, source: str, sha256_of: Sha256Of, verify_pins: bool = True) -> List[str]:

@@ -25,20 +25,35 @@ CACHE_ENV = "MERGEKIT_SDXL_CACHE_DIR"
 CACHE_FILE = "hashes.json"
 _CACHE_VERSION = 1
 _HEX = frozenset("0123456789abcdef")
+SAMPLE_PREFIX = "sample-"
+_SAMPLES = 16
+_SAMPLE_BYTES = 64 * 1024
+
+
+class HashingCancelled(Exception):
+    """Raised by a hash whose ``stop`` event was set: the caller gave up on it (a failed or
+    interrupted merge); nothing is cached."""
 
 
 def sha256_file(
     path: PathLike,
     chunk: int = DEFAULT_CHUNK,
     callback: Optional[Callable[[int], None]] = None,
+    stop: Optional[threading.Event] = None,
 ) -> str:
-    """Hex sha256 of the file at ``path``; ``callback(nbytes)`` is called after each chunk."""
+    """Hex sha256 of the file at ``path``; ``callback(nbytes)`` is called after each chunk.
+
+    ``stop``: checked before each chunk; once set, :class:`HashingCancelled` is raised (a
+    background hash ends within one chunk of being told to).
+    """
     h = hashlib.sha256()
     # One reused buffer: no per-chunk allocation while streaming gigabytes.
     buf = bytearray(chunk)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as fh:
         while True:
+            if stop is not None and stop.is_set():
+                raise HashingCancelled(f"hashing {os.fspath(path)} was cancelled")
             n = fh.readinto(view)
             if not n:
                 break
@@ -46,6 +61,25 @@ def sha256_file(
             if callback is not None:
                 callback(n)
     return h.hexdigest()
+
+
+def sample_digest(path: PathLike, samples: int = _SAMPLES, sample_bytes: int = _SAMPLE_BYTES) -> str:
+    """A cheap content identity: ``"sample-"`` + the sha256 of the size and ``samples`` slices of
+    ``sample_bytes`` spread evenly over the file (the first and the last included).
+
+    Different sample digests prove different contents (equal files always sample alike), so only
+    files whose samples agree need a whole-file hash to be told apart. Never a 64-hex digest, so it
+    cannot be mistaken for a sha256.
+    """
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        h.update(size.to_bytes(8, "little"))
+        last = max(size - sample_bytes, 0)
+        offsets = sorted({last * i // max(samples - 1, 1) for i in range(samples)})
+        for offset in offsets:
+            h.update(os.pread(fh.fileno(), sample_bytes, offset))
+    return SAMPLE_PREFIX + h.hexdigest()
 
 
 def autov2(sha256_hex: str) -> str:
@@ -138,13 +172,16 @@ class HashCache:
                 # A read-only or full cache location must not fail a merge.
                 logger.warning("could not save hash cache %s: %s", self.path, exc)
 
-    def sha256(self, path: PathLike, progress: bool = False) -> str:
-        """sha256 of ``path``, from the cache when size and mtime match, else computed and cached."""
+    def sha256(self, path: PathLike, progress: bool = False, *, stop: Optional[threading.Event] = None) -> str:
+        """sha256 of ``path``, from the cache when size and mtime match, else computed and cached.
+
+        ``stop``: see :func:`sha256_file` (a cancelled hash raises :class:`HashingCancelled`).
+        """
         cached = self.get(path)
         if cached is not None:
             return cached
         before = os.stat(path)
-        digest = _hash_with_progress(path, before.st_size) if progress else sha256_file(path)
+        digest = _hash_with_progress(path, before.st_size, stop) if progress else sha256_file(path, stop=stop)
         after = os.stat(path)
         if (before.st_size, before.st_mtime_ns, before.st_ctime_ns) == (after.st_size, after.st_mtime_ns, after.st_ctime_ns):
             self.record(path, digest, stat=after)
@@ -163,11 +200,11 @@ def _valid_entry(v: object) -> bool:
     )
 
 
-def _hash_with_progress(path: PathLike, total: int) -> str:
+def _hash_with_progress(path: PathLike, total: int, stop: Optional[threading.Event] = None) -> str:
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is a dependency, but hashing must not need it
         logger.info("hashing %s (%.2f GB)", path, total / 1e9)
-        return sha256_file(path)
+        return sha256_file(path, stop=stop)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"sha256 {Path(path).name}", leave=False) as bar:
-        return sha256_file(path, callback=bar.update)
+        return sha256_file(path, callback=bar.update, stop=stop)

@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -60,6 +60,8 @@ __all__ = [
     "read_provenance",
     "legacy_hash",
     "input_info",
+    "pending_input_info",
+    "with_sha256",
     "sidecar_paths",
     "META_RECIPE",
     "META_INPUTS",
@@ -122,6 +124,36 @@ def input_info(path: PathLike, *, role: str = "", cache=None) -> InputInfo:
     return InputInfo(
         path=p, size=os.path.getsize(p), sha256=digest, autov2=autov2(digest), role=role, legacy_hash=legacy_hash(p)
     )
+
+
+# A placeholder has a real digest's length (64 characters; its AutoV2, the first 10), so that the header
+# written with placeholders has the final header's length; never hex, so never a real digest.
+PENDING_SHA256_PREFIX = "pending-sha256-of-input-"
+
+
+def pending_sha256(index: int) -> str:
+    """The placeholder for the sha256 of input ``index`` (0-based, config order) until it is known."""
+    placeholder = f"{PENDING_SHA256_PREFIX}{index:040d}"
+    if len(placeholder) != 64:
+        raise ValueError(f"input index {index} out of range")
+    return placeholder
+
+
+def pending_input_info(path: PathLike, *, role: str = "", index: int) -> InputInfo:
+    """:class:`InputInfo` of a file whose sha256 is not known yet: size and legacy hash (cheap), and
+    same-length placeholders for sha256 and AutoV2 (see :func:`with_sha256`)."""
+    p = os.fspath(path)
+    placeholder = pending_sha256(index)
+    return InputInfo(
+        path=p, size=os.path.getsize(p), sha256=placeholder, autov2=placeholder[:10], role=role, legacy_hash=legacy_hash(p)
+    )
+
+
+def with_sha256(info: InputInfo, sha256_hex: str) -> InputInfo:
+    """``info`` with its sha256 (and AutoV2) known."""
+    from mergekit_sdxl.io.hashing import autov2
+
+    return replace(info, sha256=sha256_hex.lower(), autov2=autov2(sha256_hex))
 
 
 def public_names(paths: Sequence[str]) -> Dict[str, str]:

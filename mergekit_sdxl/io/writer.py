@@ -9,6 +9,12 @@ JSON), which is what makes "resume to the identical file" checkable.
 Layout on disk while writing: ``<out>.partial`` (data) and, with ``journal=True``,
 ``<out>.partial.journal``. ``close()`` verifies the temp file and renames it onto
 ``<out>``; nothing ever appears at ``<out>`` unless it is complete.
+
+Metadata known only at the end (the inputs' sha256, hashed while the merge runs): the header is
+written with same-length placeholders, and ``close(final_metadata=...)`` writes the final header
+over it in place (it must have the same length, so no data moves) before verifying. The published
+sha256 is then read back from disk, and the data is checked against the hash streamed while
+writing, in the same single read (see ``_verified_digest``).
 """
 
 from __future__ import annotations
@@ -169,6 +175,63 @@ def _write_all(fh, data: memoryview) -> None:
         view = view[n:]
 
 
+def _hash_twice(path: Path, length: int, streamed_header: bytes) -> Tuple[str, str, bytes]:
+    """One read of the first ``length`` bytes of ``path``: (sha256 of those bytes, sha256 of the same
+    bytes with their first ``len(streamed_header)`` replaced by ``streamed_header``, the header
+    bytes read). The second is fed in a helper thread: the two hashes take one hash's wall time
+    where a second core is free."""
+    import queue
+
+    from mergekit_sdxl.io.background_hash import start_thread_without_signals
+
+    head = len(streamed_header)
+    on_disk, streamed = hashlib.sha256(), hashlib.sha256(streamed_header)
+    chunks: queue.Queue = queue.Queue()
+
+    def feed() -> None:
+        while True:
+            chunk = chunks.get()
+            if chunk is None:
+                return
+            streamed.update(chunk)
+            chunks.task_done()
+
+    helper = start_thread_without_signals(feed, "mergekit-sdxl-verify")
+    buf = bytearray(min(_HASH_CHUNK, max(length, 1)))
+    view = memoryview(buf)
+    try:
+        with open(path, "rb", buffering=0) as fh:
+            header = fh.read(head)
+            if len(header) != head:
+                raise EOFError(f"{path} is shorter than its header")
+            on_disk.update(header)
+            remaining = length - head
+            while remaining:
+                n = fh.readinto(view[: min(len(buf), remaining)])
+                if not n:
+                    raise EOFError(f"{path} is shorter than {length} bytes")
+                chunks.put(view[:n])
+                on_disk.update(view[:n])
+                chunks.join()  # the helper is done with the buffer before it is read into again
+                remaining -= n
+    finally:
+        chunks.put(None)
+        helper.join()
+    return on_disk.hexdigest(), streamed.hexdigest(), header
+
+
+def _overwrite_header(path: Path, header: bytes) -> None:
+    """Write ``header`` over the first ``len(header)`` bytes of ``path`` (no data moves) and sync."""
+    fh = open_existing_nofollow(path)
+    try:
+        fh.seek(0)
+        _write_all(fh, memoryview(header))
+        fh.flush()
+        os.fsync(fh.fileno())
+    finally:
+        fh.close()
+
+
 def _hash_prefix(path: Path, length: int) -> hashlib._Hash:
     """sha256 object fed the first ``length`` bytes of ``path`` (raises if the file is shorter)."""
     h = hashlib.sha256()
@@ -227,6 +290,7 @@ class StreamingCheckpointWriter:
         temp_path: Optional[PathLike] = None,
         journal_every_bytes: int = 16 * _MiB,
         journal_every_s: float = 5.0,
+        alternate_metadata: Optional[Callable[[], Optional[Mapping[str, str]]]] = None,
     ) -> StreamingCheckpointWriter:
         """Resume a journaled partial write of the same output if one exists, else start fresh.
 
@@ -234,9 +298,15 @@ class StreamingCheckpointWriter:
         or header, unless ``restart`` (then the partial output is discarded). An unreadable
         journal or a temp file that fails verification is discarded with a warning.
         Call ``completed_names()`` to learn which entries to skip.
+
+        ``alternate_metadata``: the other metadata a partial output of this same merge may have been
+        started with (the placeholder or the final version of ``metadata``, whichever ``metadata``
+        is not); called only when the partial's header is not ``metadata``'s. A partial started
+        with it is resumed as it is (its header is replaced at ``close(final_metadata=...)``).
         """
         self = cls.__new__(cls)
         self._setup(out_path, entries, metadata, temp_path, True, fingerprint, journal_every_bytes, journal_every_s)
+        self._alternate = alternate_metadata
         if restart or not self._try_resume():
             self._start_fresh()
         return self
@@ -279,6 +349,7 @@ class StreamingCheckpointWriter:
         self._last_ckpt_time = time.monotonic()
         self._failed = False  # a write died mid-tensor: the file position is unknown
         self._closed = False
+        self._alternate: Optional[Callable[[], Optional[Mapping[str, str]]]] = None
         self.result: Optional[WriteResult] = None
 
     def _start_fresh(self) -> None:
@@ -340,7 +411,7 @@ class StreamingCheckpointWriter:
             logger.warning("%s is not a regular file; starting %s from scratch", self.temp_path, self.out_path)
             return False
         old_header = self._read_temp_header()
-        if old_header != self._header:
+        if not self._adopt_partial_header(old_header, state.header_sha256):
             raise ResumeMismatch(
                 f"a partial output {self.temp_path} exists with the same fingerprint but a different layout "
                 f"({self._describe_header_change(old_header)}). "
@@ -378,6 +449,29 @@ class StreamingCheckpointWriter:
             state.offset / _MiB,
             self.out_path,
         )
+        return True
+
+    def _adopt_partial_header(self, on_disk: bytes, journaled_sha256: str) -> bool:
+        """Continue with the header the journal's prefix hash was taken over: ours, or the alternate
+        one. False when the partial's header is neither (another layout: refuse to resume)."""
+        candidates = [(self._header, self._metadata)]
+        if (on_disk != self._header or journaled_sha256 != self._header_sha256) and self._alternate is not None:
+            alternate = self._alternate()
+            if alternate is not None:
+                candidates.append((build_header(self._entries, alternate), dict(alternate)))
+        if on_disk not in [header for header, _ in candidates]:
+            return False
+        by_journal = [c for c in candidates if hashlib.sha256(c[0]).hexdigest() == journaled_sha256]
+        header, metadata = by_journal[0] if by_journal else next(c for c in candidates if c[0] == on_disk)
+        if header != on_disk:
+            if len(header) != len(on_disk):
+                return False
+            # Killed inside close() after the final header was written over the placeholders: the
+            # journal's prefix hash is over the header it was streamed with, so put that one back.
+            _overwrite_header(self.temp_path, header)
+            logger.info("%s: restored the header its journal was written with", self.temp_path)
+        self._header, self._metadata = header, metadata
+        self._header_sha256 = hashlib.sha256(header).hexdigest()
         return True
 
     def _read_temp_header(self) -> bytes:
@@ -495,12 +589,19 @@ class StreamingCheckpointWriter:
         self._last_ckpt_offset = self._offset
         self._last_ckpt_time = time.monotonic()
 
-    def close(self, before_publish: Optional[Callable[[WriteResult], object]] = None) -> WriteResult:
+    def close(
+        self,
+        before_publish: Optional[Callable[[WriteResult], object]] = None,
+        *,
+        final_metadata: Optional[Mapping[str, str]] = None,
+    ) -> WriteResult:
         """Finish: fsync, verify the temp file and its bytes on disk, rename it onto ``out_path``,
         drop the journal.
 
         ``before_publish`` is called with the verified result just before the rename (sidecars
-        are written there, so that the output never appears without them).
+        are written there, so that the output never appears without them). ``final_metadata``
+        replaces the metadata the header was written with (placeholders for values known only
+        now); its header must have the same length (``ValueError`` otherwise, before any change).
         """
         if self._closed:
             if self.result is None:
@@ -515,14 +616,19 @@ class StreamingCheckpointWriter:
                     f"cannot close {self.out_path}: {len(self._entries) - self._index} of {len(self._entries)} "
                     f"entries not written (next: {missing.name!r})"
                 )
+            final = self._final_header(final_metadata)
             fh = self._fh
             assert fh is not None  # open from construction until close or abort (which sets _closed)
             fh.flush()
             os.fsync(fh.fileno())
             fh.close()
             self._fh = None
-            self._verify()
-            digest = self._verified_digest()
+            if final != self._header:
+                # The journal still describes the placeholder header: a crash from here on resumes
+                # (the resume puts that header back) rather than leaving a file nobody can check.
+                _overwrite_header(self.temp_path, final)
+            self._verify(final_metadata if final_metadata is not None else self._metadata)
+            digest = self._verified_digest(final)
             result = WriteResult(self.out_path, digest, autov2(digest), self._total_size)
             with signals_deferred():
                 if before_publish is not None:
@@ -570,23 +676,45 @@ class StreamingCheckpointWriter:
         if self.journal_path is not None:
             remove_quietly(self.journal_path)
 
-    def _verified_digest(self) -> str:
+    def _final_header(self, final_metadata: Optional[Mapping[str, str]]) -> bytes:
+        if final_metadata is None:
+            return self._header
+        final = build_header(self._entries, final_metadata)
+        if len(final) != len(self._header):
+            raise ValueError(
+                f"{self.out_path}: the final header is {len(final)} bytes, the one written {len(self._header)}; "
+                "metadata filled in at close must keep every value's length"
+            )
+        return final
+
+    def _verified_digest(self, final_header: bytes) -> str:
         """The sha256 of the temp file's bytes as read back from disk; it must equal the hash of
-        the bytes written (a printed hash is the hash of the file, never of our intentions)."""
+        the bytes written (a printed hash is the hash of the file, never of our intentions).
+
+        When ``final_header`` was written over the streamed header, the data read back is also
+        hashed behind the streamed header (in the same read) and must give the streamed hash, and
+        the header read back must be ``final_header``.
+        """
         try:
-            on_disk = _hash_prefix(self.temp_path, self._total_size).hexdigest()
+            if final_header == self._header:
+                on_disk = _hash_prefix(self.temp_path, self._total_size).hexdigest()
+                data_check = on_disk
+            else:
+                on_disk, data_check, header = _hash_twice(self.temp_path, self._total_size, self._header)
+                if header != final_header:
+                    raise OutputError(f"{self.temp_path}: the header on disk is not the one written")
         except (OSError, EOFError) as error:
             raise OutputError(f"{self.temp_path}: cannot read the written file back ({error})") from error
         written = self._hasher.hexdigest()
-        if on_disk != written:
+        if data_check != written:
             raise OutputError(
-                f"{self.temp_path}: the bytes on disk differ from the bytes written (sha256 {on_disk} != {written}); "
+                f"{self.temp_path}: the bytes on disk differ from the bytes written (sha256 {data_check} != {written}); "
                 "another program changed the file, or the disk is failing"
             )
         return on_disk
 
-    def _verify(self) -> None:
-        """Check the temp file parses as safetensors with exactly the declared entries."""
+    def _verify(self, metadata: Mapping[str, str]) -> None:
+        """Check the temp file parses as safetensors with exactly the declared entries and ``metadata``."""
         from safetensors import safe_open
 
         size = self.temp_path.stat().st_size
@@ -601,7 +729,7 @@ class StreamingCheckpointWriter:
                 sl = f.get_slice(name)
                 if sl.get_dtype() != DTYPE_NAMES[spec.dtype] or tuple(sl.get_shape()) != spec.shape:
                     raise OSError(f"{self.temp_path}: entry {name!r} has a wrong dtype or shape")
-            if (f.metadata() or {}) != self._metadata:
+            if (f.metadata() or {}) != dict(metadata):
                 raise OSError(f"{self.temp_path}: metadata does not read back")
 
     def __enter__(self) -> StreamingCheckpointWriter:

@@ -17,6 +17,7 @@ __all__ = [
     "weiszfeld",
     "weiszfeld_gram",
     "GramAccumulator",
+    "BlockedGram",
     "GRAM_BLOCK",
     "GRAM_SUBBLOCK",
 ]
@@ -227,5 +228,66 @@ class GramAccumulator:
                 data = torch.nn.functional.pad(data, (0, pad))
             total += _block_gram(data)
         # gemm rounds G_ij and G_ji differently; mirror the upper triangle so G is exactly symmetric.
+        upper = torch.triu(total)
+        return upper + torch.triu(total, diagonal=1).T
+
+
+class BlockedGram:
+    """The Gram matrix of :class:`GramAccumulator`, bit for bit, fed with canonical sub-blocks.
+
+    The fused kernel writes the masked task vectors straight into the ``[sub-blocks, N, 256]``
+    float64 layout that ``_block_gram`` builds by copying; this accumulator runs the same
+    ``bmm`` on those sub-blocks (per-sub-block products do not depend on how many are batched),
+    keeps each 65536-element block's partials in one reused buffer and sums them with the same
+    tree, so no chunk allocates and the result equals ``GramAccumulator``'s exactly.
+    """
+
+    _PER_BLOCK = GRAM_BLOCK // GRAM_SUBBLOCK
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._pending = torch.empty(self._PER_BLOCK, n, n, dtype=torch.float64)
+        self._filled = 0  # partials of the current block in _pending
+        self._next = 0  # global index of the next sub-block expected
+        self._total: Optional[torch.Tensor] = None
+        self._tail = False
+
+    def add(self, subblocks: torch.Tensor, first: int) -> None:
+        """Feed complete sub-blocks [B, N, 256] (float64, contiguous) starting at global
+        sub-block index ``first`` (sub-blocks must arrive in order, each once)."""
+        if self._tail:
+            raise ValueError("no sub-blocks may follow the zero-padded tail")
+        if first != self._next or subblocks.shape[1:] != (self.n, GRAM_SUBBLOCK):
+            raise ValueError(f"expected sub-blocks [B, {self.n}, {GRAM_SUBBLOCK}] from {self._next}, got {first}")
+        done = 0
+        count = subblocks.shape[0]
+        while done < count:
+            take = min(count - done, self._PER_BLOCK - self._filled)
+            part = subblocks[done : done + take]
+            torch.bmm(part, part.transpose(1, 2), out=self._pending[self._filled : self._filled + take])
+            self._filled += take
+            done += take
+            if self._filled == self._PER_BLOCK:
+                self._close_block()
+        self._next += count
+
+    def add_tail(self, subblock: torch.Tensor) -> None:
+        """Feed the last, partial sub-block [N, 256], zero beyond the tensor's end."""
+        self.add(subblock[None], self._next)
+        self._tail = True
+
+    def _close_block(self) -> None:
+        g = _tree_sum(self._pending[: self._filled])
+        if self._total is None:
+            self._total = g.clone()
+        else:
+            self._total += g
+        self._filled = 0
+
+    def result(self) -> torch.Tensor:
+        """The Gram matrix [N, N] float64, exactly as ``GramAccumulator.result`` gives it."""
+        total = self._total.clone() if self._total is not None else torch.zeros(self.n, self.n, dtype=torch.float64)
+        if self._filled:
+            total += _tree_sum(self._pending[: self._filled])
         upper = torch.triu(total)
         return upper + torch.triu(total, diagonal=1).T

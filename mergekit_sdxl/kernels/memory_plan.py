@@ -4,13 +4,16 @@ One immutable object, made once per merge from ``--memory-budget`` and carried b
 that merge each key; nothing about memory lives in module globals. The working-set rule is
 the only place that says how much memory a key costs:
 
-- merged whole, a key holds its N inputs in the compute dtype plus about three more copies
-  (masks, signs, the running result): ``numel * itemsize * (N + 3)``; a key is merged whole
-  when that is at most half the budget (the other half is for the N stored inputs, the output
-  and allocator slack);
-- otherwise it is merged in row chunks read straight from the files, each chunk holding about
-  four compute-dtype copies per input: ``rows * cols * itemsize * 4 * N``, at most a quarter of
-  the budget per chunk.
+- this plugin's methods (``stored_itemsize`` given) compute in row chunks whatever the source:
+  a key is read whole, once, when its N inputs in their stored dtype take at most half the
+  budget (``numel * stored_itemsize * N``); otherwise row chunks are read straight from the
+  files, and up to half the budget of the chunks read by the first pass is kept for the second
+  (``reuse_bytes``), so only the rest is read twice;
+- mergekit's own methods merged whole upcast their N inputs and make about three more copies
+  (masks, signs, the running result): ``numel * itemsize * (N + 3)`` must be at most half the
+  budget;
+- a chunk holds about four compute-dtype copies per input: ``rows * cols * itemsize * 4 * N``,
+  at most a quarter of the budget.
 
 Chunking never changes the bytes of the result (the kernels reduce in a fixed order), so a
 plan only decides memory and speed.
@@ -75,11 +78,22 @@ class MemoryPlan:
         """Working set of a key merged whole (see the module docstring)."""
         return _numel(shape) * _itemsize(compute_dtype) * (n_inputs + 3)
 
-    def merge_whole(self, shape: Sequence[int], n_inputs: int, compute_dtype: torch.dtype) -> bool:
-        """True when the key's N inputs are loaded whole; False: row chunks from the files."""
+    def merge_whole(
+        self, shape: Sequence[int], n_inputs: int, compute_dtype: torch.dtype, stored_itemsize: Optional[int] = None
+    ) -> bool:
+        """True when the key's N inputs are loaded whole; False: row chunks from the files.
+        ``stored_itemsize``: the inputs' largest stored item size, for methods that compute in
+        chunks from whole stored inputs (see the module docstring)."""
         if self.budget_bytes is None:
             return True
+        if stored_itemsize is not None:
+            return _numel(shape) * stored_itemsize * n_inputs <= self.budget_bytes // 2
         return self.whole_tensor_bytes(shape, n_inputs, compute_dtype) <= self.budget_bytes // 2
+
+    @property
+    def reuse_bytes(self) -> int:
+        """Bytes of first-pass chunks a key read from the files may keep for its second pass."""
+        return 0 if self.budget_bytes is None else self.budget_bytes // 2
 
     def rows_per_chunk(self, shape: Sequence[int], n_inputs: int, compute_dtype: torch.dtype) -> int:
         """Rows per chunk so that N inputs, about four compute-dtype copies each, fit a chunk."""
@@ -88,10 +102,19 @@ class MemoryPlan:
         return max(1, min(rows, self.chunk_bytes // per_row))
 
     def peak_bytes(
-        self, shape: Sequence[int], n_inputs: int, compute_dtype: torch.dtype, out_dtype: torch.dtype
+        self,
+        shape: Sequence[int],
+        n_inputs: int,
+        compute_dtype: torch.dtype,
+        out_dtype: torch.dtype,
+        stored_itemsize: Optional[int] = None,
     ) -> int:
         """Estimated working memory of merging this key (plus its output tensor)."""
         out = _numel(shape) * _itemsize(out_dtype)
+        if stored_itemsize is not None:
+            if self.merge_whole(shape, n_inputs, compute_dtype, stored_itemsize):
+                return _numel(shape) * stored_itemsize * n_inputs + self.chunk_bytes + out
+            return self.reuse_bytes + self.chunk_bytes + out
         if self.merge_whole(shape, n_inputs, compute_dtype):
             return self.whole_tensor_bytes(shape, n_inputs, compute_dtype) + out
         return self.chunk_bytes + out

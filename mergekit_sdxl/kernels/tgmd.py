@@ -21,6 +21,7 @@ from .consensus import elect_sign
 from .geomedian import GramAccumulator, weiszfeld_gram
 from .rng import keep_masks
 from .sparsify import trim_threshold
+from .tgmd_fused import NotOnCPU, resolve_kernel, tgmd_fused_once
 
 __all__ = [
     "TGMDParams",
@@ -153,7 +154,15 @@ def _first_bad_row(x: torch.Tensor) -> Optional[int]:
 class _Context:
     """Reads and prepares chunks of one tensor (shared by all passes)."""
 
-    def __init__(self, tensor_name: str, shape: Sequence[int], compute_dtype: torch.dtype, rows_per_chunk: int, device) -> None:
+    def __init__(
+        self,
+        tensor_name: str,
+        shape: Sequence[int],
+        compute_dtype: torch.dtype,
+        rows_per_chunk: int,
+        device,
+        reuse_bytes: int = 0,
+    ) -> None:
         if compute_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"compute_dtype must be float32 or float64, got {compute_dtype}")
         self.name = tensor_name
@@ -163,12 +172,21 @@ class _Context:
         self.dtype = compute_dtype
         self.rows_per_chunk = rows_per_chunk
         self.device = torch.device(device) if device is not None else None
+        # Chunks read by one pass, kept (up to reuse_bytes) for the next: a key that does not fit
+        # the budget whole is then read twice only beyond what the budget can hold.
+        self.reuse_bytes = max(0, int(reuse_bytes))
+        self._kept: Dict[Tuple[int, int, int], torch.Tensor] = {}
+        self._kept_bytes = 0
 
     def chunks(self) -> Iterator[Tuple[int, int]]:
         return _row_chunks(self.rows, self.rows_per_chunk)
 
     def read_raw(self, reader: RowReader, r0: int, r1: int, what: str) -> Optional[torch.Tensor]:
         """Flattened chunk in its stored dtype (checked length), or None if absent."""
+        key = (id(reader), r0, r1)  # readers live as long as this context
+        kept = self._kept.get(key)
+        if kept is not None:
+            return kept
         x = reader(r0, r1)
         if x is None:
             return None
@@ -177,7 +195,12 @@ class _Context:
             raise ValueError(f"{self.name}: {what} returned {x.numel()} elements for rows {r0}:{r1}, expected {expect}")
         if self.device is None:
             self.device = x.device
-        return x.reshape(-1)
+        flat = x.reshape(-1)
+        size = flat.numel() * flat.element_size()
+        if self.reuse_bytes and self._kept_bytes + size <= self.reuse_bytes:
+            self._kept[key] = flat
+            self._kept_bytes += size
+        return flat
 
     def read(self, reader: RowReader, r0: int, r1: int, what: str) -> Optional[torch.Tensor]:
         """Flattened chunk upcast to the compute dtype (per chunk only), or None if absent."""
@@ -261,6 +284,8 @@ def merge_task_vectors(
     *,
     masks: Optional[MaskFn] = None,
     device=None,
+    kernel: Optional[str] = None,
+    reuse_bytes: int = 0,
 ) -> torch.Tensor:
     """TGMD and its relatives (TIES, TIES-SOUP, TSD, DARE-TIES) for one tensor.
 
@@ -269,20 +294,114 @@ def merge_task_vectors(
     ``on_bad_input(i, message)`` (which may raise instead). A reader returning None abstains
     (zero task vector, no vote). A non-finite result raises ValueError.
     ``masks`` replaces the random DROP masks (tests, reproducing published masks).
+    ``kernel``: ``auto`` (default, or ``MERGEKIT_SDXL_KERNEL``): the fused numba kernels on CPU,
+    the torch reference elsewhere; ``fused`` / ``torch`` force one. Both give the same bytes.
+    ``reuse_bytes``: how much of the rows read by the first pass may be kept for the second
+    (readers over files; 0 for in-memory readers).
     """
     n = len(models)
     if len(model_keys) != n or len(params.drop_rate) != n:
         raise ValueError(f"{tensor_name}: {n} models but {len(model_keys)} keys and {len(params.drop_rate)} parameter sets")
-    ctx = _Context(tensor_name, shape, compute_dtype, rows_per_chunk, device)
+    ctx = _Context(tensor_name, shape, compute_dtype, rows_per_chunk, device, reuse_bytes)
     out_dtype = out_dtype or compute_dtype
+    chosen = resolve_kernel(kernel, ctx.device, masks is not None)
     excluded: List[int] = []
     while True:
         active = [i for i in range(n) if i not in excluded]
         try:
+            if chosen == "fused" and active and ctx.numel:
+                try:
+                    return tgmd_fused_once(ctx, base, models, model_keys, params, active, out_dtype)
+                except NotOnCPU:  # the readers gave device tensors: the reference runs anywhere
+                    chosen = "torch"
+                    continue
             return _tgmd_once(ctx, base, models, model_keys, params, active, out_dtype, masks)
         except _BadInput as bad:
             excluded.append(bad.index)
             on_bad_input(bad.index, bad.message)
+
+
+def _dropped_deltas(
+    ctx: _Context,
+    models: Sequence[RowReader],
+    model_keys: Sequence[str],
+    params: TGMDParams,
+    masks: Optional[MaskFn],
+    idx: Sequence[int],
+    b: torch.Tensor,
+    r0: int,
+    r1: int,
+) -> Tuple[torch.Tensor, List[bool]]:
+    """Dropped task vectors [len(idx), k] of models ``idx`` on rows r0:r1 (untrimmed; rows of
+    absent models are zero) and which models are present. All models at once: one read
+    buffer, one finiteness check, one DROP mask call."""
+    d, present = ctx.stack(models, idx, r0, r1, lambda i: f"model {model_keys[i]}")
+    d.sub_(b)
+    for j, ok in enumerate(present):
+        if not ok:
+            d[j].zero_()
+    bad = _first_bad_row(d)
+    if bad is not None:
+        i = idx[bad]
+        raise _BadInput(i, f"{ctx.name}: model {model_keys[i]} has non-finite values (rows {r0}:{r1})")
+    start = r0 * ctx.cols
+    k = d.shape[1]
+    rates = [params.drop_rate[i] for i in idx]
+    if masks is not None:
+        keep = torch.stack(
+            [masks(i, start, k).to(device=d.device, dtype=torch.bool).reshape(-1) for i in idx]
+        ) if idx else torch.empty(0, k, dtype=torch.bool, device=d.device)
+        for j, p in enumerate(rates):
+            if p >= 1.0:
+                keep[j] = False  # apply_drop: p = 1 drops everything whatever the mask
+    elif any(p > 0.0 for p in rates):
+        keep = keep_masks(params.seed, ctx.name, [model_keys[i] for i in idx], start, k, [1.0 - p for p in rates], device=d.device)
+    else:
+        return d, present
+    # where(keep, d, 0) in place: a dropped entry becomes exactly +0.
+    d.masked_fill_(keep.logical_not_(), 0.0)
+    factors = rescale_factors(params, idx)
+    if any(f != 1.0 for f in factors):
+        # Per-row scalar broadcast: the same IEEE product as multiplying each row by its scalar.
+        d.mul_(torch.tensor(factors, dtype=d.dtype, device=d.device)[:, None])
+    return d, present
+
+
+def rescale_factors(params: TGMDParams, idx: Sequence[int]) -> List[float]:
+    """DROP's rescale factor (1 - p)^(-rescale) per model of ``idx`` (1 where nothing is dropped)."""
+    if params.rescale == 0.0:
+        return [1.0] * len(idx)
+    rates = [params.drop_rate[i] for i in idx]
+    return [(1.0 - p) ** (-params.rescale) if 0.0 < p < 1.0 else 1.0 for p in rates]
+
+
+def trim_thresholds(
+    ctx: _Context,
+    base: RowReader,
+    models: Sequence[RowReader],
+    model_keys: Sequence[str],
+    params: TGMDParams,
+    masks: Optional[MaskFn],
+    trimmed: Sequence[int],
+) -> Dict[int, Optional[torch.Tensor]]:
+    """Trim thresholds of the ``trimmed`` models, each from its whole dropped task vector, one
+    model at a time (a bad model is reported in model order). Absent models get none."""
+    thresholds: Dict[int, Optional[torch.Tensor]] = {}
+    for i in trimmed:
+        whole = None
+        for r0, r1 in ctx.chunks():
+            b = ctx.base(base, r0, r1)
+            d, present = _dropped_deltas(ctx, models, model_keys, params, masks, [i], b, r0, r1)
+            if not present[0]:
+                whole = None
+                break
+            if whole is None:
+                whole = torch.empty(ctx.numel, dtype=ctx.dtype, device=d.device)
+            whole[r0 * ctx.cols : r1 * ctx.cols] = d[0]
+        if whole is not None:
+            thresholds[i] = trim_threshold(whole, params.density[i])
+        del whole
+    return thresholds
 
 
 def _tgmd_once(
@@ -296,40 +415,7 @@ def _tgmd_once(
     masks: Optional[MaskFn],
 ) -> torch.Tensor:
     def deltas(idx: Sequence[int], b: torch.Tensor, r0: int, r1: int) -> Tuple[torch.Tensor, List[bool]]:
-        """Dropped task vectors [len(idx), k] of models ``idx`` on rows r0:r1 (untrimmed; rows of
-        absent models are zero) and which models are present. All models at once: one read
-        buffer, one finiteness check, one DROP mask call."""
-        d, present = ctx.stack(models, idx, r0, r1, lambda i: f"model {model_keys[i]}")
-        d.sub_(b)
-        for j, ok in enumerate(present):
-            if not ok:
-                d[j].zero_()
-        bad = _first_bad_row(d)
-        if bad is not None:
-            i = idx[bad]
-            raise _BadInput(i, f"{ctx.name}: model {model_keys[i]} has non-finite values (rows {r0}:{r1})")
-        start = r0 * ctx.cols
-        k = d.shape[1]
-        rates = [params.drop_rate[i] for i in idx]
-        if masks is not None:
-            keep = torch.stack(
-                [masks(i, start, k).to(device=d.device, dtype=torch.bool).reshape(-1) for i in idx]
-            ) if idx else torch.empty(0, k, dtype=torch.bool, device=d.device)
-            for j, p in enumerate(rates):
-                if p >= 1.0:
-                    keep[j] = False  # apply_drop: p = 1 drops everything whatever the mask
-        elif any(p > 0.0 for p in rates):
-            keep = keep_masks(params.seed, ctx.name, [model_keys[i] for i in idx], start, k, [1.0 - p for p in rates], device=d.device)
-        else:
-            return d, present
-        # where(keep, d, 0) in place: a dropped entry becomes exactly +0.
-        d.masked_fill_(keep.logical_not_(), 0.0)
-        if params.rescale != 0.0:
-            factors = [(1.0 - p) ** (-params.rescale) if 0.0 < p < 1.0 else 1.0 for p in rates]
-            if any(f != 1.0 for f in factors):
-                # Per-row scalar broadcast: the same IEEE product as multiplying each row by its scalar.
-                d.mul_(torch.tensor(factors, dtype=d.dtype, device=d.device)[:, None])
-        return d, present
+        return _dropped_deltas(ctx, models, model_keys, params, masks, idx, b, r0, r1)
 
     # Pre-pass: trim thresholds need each model's whole (dropped) task vector, one at a time.
     thresholds: Dict[int, Optional[torch.Tensor]] = {}
@@ -350,20 +436,7 @@ def _tgmd_once(
                 thresholds[i] = trim_threshold(d_all[j], params.density[i])
         cached = (b, d_all, present)
     elif trimmed:
-        for i in trimmed:
-            whole = None
-            for r0, r1 in ctx.chunks():
-                b = ctx.base(base, r0, r1)
-                d, present = deltas([i], b, r0, r1)
-                if not present[0]:
-                    whole = None
-                    break
-                if whole is None:
-                    whole = torch.empty(ctx.numel, dtype=ctx.dtype, device=d.device)
-                whole[r0 * ctx.cols : r1 * ctx.cols] = d[0]
-            if whole is not None:
-                thresholds[i] = trim_threshold(whole, params.density[i])
-            del whole
+        thresholds = trim_thresholds(ctx, base, models, model_keys, params, masks, trimmed)
 
     def chunk_terms(r0: int, r1: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(base chunk, u [N, k] masked task vectors, a [N, k] agreement mask)."""
@@ -450,6 +523,7 @@ def merge_geometric_median(
     on_bad_input: Callable[[int, str], None] = warn_bad_input,
     *,
     device=None,
+    reuse_bytes: int = 0,
 ) -> torch.Tensor:
     """Plain geometric median of the models themselves (no base, no masks), via the Gram form.
 
@@ -460,7 +534,7 @@ def merge_geometric_median(
     w_all = [1.0] * n if weights is None else [float(w) for w in weights]
     if len(w_all) != n:
         raise ValueError(f"{tensor_name}: {n} models but {len(w_all)} weights")
-    ctx = _Context(tensor_name, shape, compute_dtype, rows_per_chunk, device)
+    ctx = _Context(tensor_name, shape, compute_dtype, rows_per_chunk, device, reuse_bytes)
     out_dtype = out_dtype or compute_dtype
     excluded: List[int] = []
     while True:
@@ -534,6 +608,7 @@ def tgmd_merge(
     out_dtype: Optional[torch.dtype] = None,
     on_bad_input: Callable[[int, str], None] = warn_bad_input,
     masks: Optional[MaskFn] = None,
+    kernel: Optional[str] = None,
 ) -> torch.Tensor:
     """Whole-tensor convenience over :func:`merge_task_vectors` (None in ``models``: absent)."""
     keys = list(model_keys) if model_keys is not None else [f"model{i}" for i in range(len(models))]
@@ -551,4 +626,5 @@ def tgmd_merge(
         on_bad_input,
         masks=masks,
         device=base.device,
+        kernel=kernel,
     )

@@ -8,9 +8,9 @@ stock ``mergekit-yaml`` (which then uses these defaults) and read by
 from __future__ import annotations
 
 import re
-from typing import Optional, Union
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "M": 1024**2, "MB": 1024**2, "G": 1024**3, "GB": 1024**3, "T": 1024**4, "TB": 1024**4}
 _KIB = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
@@ -57,6 +57,49 @@ class VAEOptions(BaseModel):
     )
 
 
+# The components a ``sdxl.components`` section may set (the VAE has ``sdxl.vae``).
+Component = Literal["unet", "clip_l", "clip_g"]
+COMPONENT_OVERRIDES: Tuple[str, ...] = get_args(Component)
+
+
+class ComponentModel(BaseModel):
+    """One model of a component's own merge: an input of the config, with parameters for this merge."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Any = Field(description="The model as written under the config's models: (a path or {model: {path: ...}}).")
+    parameters: Optional[Dict[str, Any]] = None
+
+
+class ComponentOptions(BaseModel):
+    """How one SDXL component is merged when it differs from the rest of the config.
+
+    Either ``source`` (the component copied unmerged from ``base`` or from one input model, given by
+    its path as written under ``models:``), or a merge of its own: ``merge_method`` (default: the
+    config's), ``parameters`` (replacing the top-level ``parameters:`` for this component) and
+    ``models`` (which inputs, with their per-model parameters; default: all of the config's models,
+    with no per-model parameters). The base model, dtype and out_dtype are the config's.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Optional[str] = None
+    merge_method: Optional[str] = None
+    parameters: Optional[Dict[str, Any]] = None
+    models: Optional[List[ComponentModel]] = None
+
+    @model_validator(mode="after")
+    def _source_or_merge(self) -> ComponentOptions:
+        merge = [name for name in ("merge_method", "parameters", "models") if getattr(self, name) is not None]
+        if self.source is not None and merge:
+            raise ValueError(f"source: copies the component unmerged; it cannot be combined with {', '.join(merge)}:")
+        if self.source is None and not merge:
+            raise ValueError("give source: (copy from base or one model) or merge_method:/parameters:/models: (merge it)")
+        if self.source is not None and not self.source.strip():
+            raise ValueError("source: must be 'base' or the path of one of the models")
+        return self
+
+
 class SDXLOptions(BaseModel):
     """SDXL-specific settings: the ``sdxl:`` section of a config, and CLI flags."""
 
@@ -65,6 +108,10 @@ class SDXLOptions(BaseModel):
     vae: VAEOptions = VAEOptions()
     memory_budget: Optional[Union[int, str]] = None
     allow_vpred_mix: bool = False
+    components: Dict[Component, ComponentOptions] = Field(
+        default_factory=dict,
+        description="Per-component merges (unet, clip_l, clip_g) that differ from the config's merge_method/parameters.",
+    )
 
     @field_validator("memory_budget")
     @classmethod
@@ -72,6 +119,12 @@ class SDXLOptions(BaseModel):
         if value is not None:
             parse_bytes(value)
         return value
+
+    def methods_used(self, top_level: str) -> Tuple[str, ...]:
+        """The merge methods of a config with this section: ``top_level`` first, then each merged
+        component's own method, each once (a component copied with ``source:`` uses none)."""
+        methods = [top_level] + [c.merge_method or top_level for c in self.components.values() if c.source is None]
+        return tuple(dict.fromkeys(methods))
 
     @property
     def memory_budget_bytes(self) -> int:

@@ -15,7 +15,7 @@ from mergekit_sdxl.sdxl.tiny import write_synthetic_sdxl
 from mergekit_sdxl.workflow.recipe import METHOD_PARAMETERS
 from tests.paths import CONFIGS
 
-SDXL_CONFIGS = ["astolfomix-xl-tgmd.yaml", "ties-soup.yaml", "block-weights.yaml", "vae-from-model.yaml"]
+SDXL_CONFIGS = ["astolfomix-xl-tgmd.yaml", "ties-soup.yaml", "block-weights.yaml", "vae-from-model.yaml", "tgmd-unet-base-text-encoders.yaml"]
 LLM_CONFIGS = ["llm-tgmd.yaml"]
 PLACEHOLDER = re.compile(r"/path/to/[A-Za-z0-9_./+@-]+")
 
