@@ -97,13 +97,13 @@ def test_non_finite_model_is_left_out_as_in_the_reference():
     p = TGMDParams(drop_rate=[0.1] * 4, density=[0.8] * 4, weight=[1.0] * 4, seed=3)
     results, calls = {}, {}
     for kernel in ("torch", "fused"):
-        seen = []
+        seen: list = []
+        calls[kernel] = seen
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             results[kernel] = tgmd_merge(
-                base, models, p, F64, rows_per_chunk=9, on_bad_input=lambda i, m: seen.append((i, m)), kernel=kernel
+                base, models, p, F64, rows_per_chunk=9, on_bad_input=lambda i, m, seen=seen: seen.append((i, m)), kernel=kernel
             )
-        calls[kernel] = seen
     assert _same(results["torch"], results["fused"])
     assert calls["torch"] == calls["fused"] and [i for i, _ in calls["fused"]] == [2]
     assert "rows 9:18" in calls["fused"][0][1]
