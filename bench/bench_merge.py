@@ -22,6 +22,9 @@ Configs (mapping form, ``{model: {path: ...}}``), written to ``WORKDIR/runs/``
     linear     mergekit's built-in linear over all N files, weight 1 each, no base, float32
     dare_ties  mergekit's built-in dare_ties, base = model_000, density 0.9 (= drop 0.1), weight 1,
                float32
+    (only when named in --methods) ties, dare_linear, breadcrumbs_ties, della, sce, model_stock,
+               task_arithmetic: mergekit's built-ins, base = model_000, float32 (``builtin_config``);
+               under a budget they merge in row chunks with a statistics pre-pass (issue 12)
 
 Measured per run
     wall s        wall time of the child (includes interpreter start, preflight, planning, writing)
@@ -75,6 +78,8 @@ from typing import Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("tgmd", "ties_soup", "linear", "dare_ties")
+# More of mergekit's built-ins (issue 12: merged in chunks under the budget), run only when named in --methods.
+BUILTINS = ("ties", "dare_linear", "breadcrumbs_ties", "della", "sce", "model_stock", "task_arithmetic")
 REFERENCE_SEED = 240603
 
 
@@ -169,7 +174,35 @@ def make_config(method: str, paths: List[Path]) -> Dict:
             "dtype": "float32",
             "out_dtype": "float16",
         }
+    if method in BUILTINS:
+        return builtin_config(method, base, others)
     raise SystemExit(f"unknown method {method}")
+
+
+def builtin_config(method: str, base: Path, others: List[Path]) -> Dict:
+    """One of :data:`BUILTINS`: base = model_000, the N-1 others, weight 1, float32, fp16 out."""
+    per_model: Dict = {"weight": 1.0}
+    shared: Dict = {}
+    if method in ("ties", "breadcrumbs_ties"):
+        per_model["density"] = 0.5
+    elif method == "dare_linear":
+        per_model["density"] = 0.9
+    elif method == "della":
+        per_model.update({"density": 0.9, "epsilon": 0.05})
+    elif method == "sce":
+        per_model, shared = {}, {"select_topk": 0.5}
+    elif method == "model_stock":
+        per_model = {}
+    elif method == "task_arithmetic":
+        per_model["weight"] = 1.0 / max(1, len(others))
+    return {
+        "merge_method": method,
+        "base_model": _model(base),
+        "models": [{"model": _model(p), **({"parameters": per_model} if per_model else {})} for p in others],
+        "parameters": shared,
+        "dtype": "float32",
+        "out_dtype": "float16",
+    }
 
 
 def write_config(method: str, paths: List[Path], folder: Path, tag: str) -> Path:
@@ -657,7 +690,7 @@ def main() -> int:
     parser.add_argument("--width", type=parse_width, default=1 / 16, help="width factor, e.g. 1/16 or 1 (default 1/16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the base; model i uses seed+i")
     parser.add_argument("--noise", type=float, default=0.02, help="fine-tune noise scale (default 0.02)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma list of " + ", ".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma list of " + ", ".join(METHODS + BUILTINS))
     parser.add_argument("--memory-budget", default="1GB", help="passed to mergekit-sdxl merge (default 1GB; '' = its default)")
     parser.add_argument("--threads", type=int, default=None, help="passed to mergekit-sdxl merge --threads")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mergekit-sdxl-bench"), help="inputs, hash cache, configs, outputs")
@@ -671,7 +704,7 @@ def main() -> int:
     args = parser.parse_args()
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in args.methods:
-        if m not in METHODS:
+        if m not in METHODS + BUILTINS:
             parser.error(f"unknown method {m}")
     if args.n < 2:
         parser.error("--n must be >= 2")

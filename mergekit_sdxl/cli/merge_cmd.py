@@ -87,6 +87,8 @@ def report_result(result, echo=click.echo) -> None:
 @click.option("--no-verify-pins", is_flag=True, default=False, help="Do not check the inputs against the sha256 pins of the recipe.")
 @click.option("--allow-base-in-models", is_flag=True, default=False, help="Accept the base model listed again under models:.")
 @click.option("--keep-paths", is_flag=True, default=False, help="Record full input paths in the output's metadata and card (private use).")
+@click.option("--ray-address", default=None, help="Merge the keys on a Ray cluster: local (start one here), auto, or HOST:PORT; the inputs need the same paths on every node (pip install 'mergekit-sdxl[ray]').")
+@click.option("--ray-workers", type=click.IntRange(min=1), default=None, help="With --ray-address: keys merged at once (local: worker processes; default: the CPUs).")
 @add_merge_options
 def merge_command(
     merge_options: MergeOptions,
@@ -101,10 +103,14 @@ def merge_command(
     no_verify_pins: bool,
     allow_base_in_models: bool,
     keep_paths: bool,
+    ray_address: Optional[str],
+    ray_workers: Optional[int],
 ) -> None:
     """Merge the checkpoints of CONFIG_FILE into ONE single-file SDXL checkpoint OUT_PATH."""
     from mergekit_sdxl.host.driver import read_config_text, run_sdxl_merge
+    from mergekit_sdxl.host.ray_merge import ray_settings
 
+    ray = ray_settings(ray_address, ray_workers)  # before any work: Ray may not be installed
     if threads is not None:
         merge_options = merge_options.model_copy(update={"num_threads": threads})
     check_device_options(merge_options)
@@ -129,5 +135,6 @@ def merge_command(
         verify_pins=not no_verify_pins,
         allow_base_in_models=allow_base_in_models,
         keep_paths=keep_paths,
+        ray=ray,
     )
     report_result(result)

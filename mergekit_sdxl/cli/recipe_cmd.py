@@ -1,5 +1,7 @@
-"""``mergekit-sdxl recipe DIR --base FILE [--method tgmd|ties_soup|linear|geometric_median]
-[-o config.yaml] [--scan] [--allow-vpred-mix] [--seed N]``.
+"""``mergekit-sdxl recipe DIR --base FILE [--method tgmd|ties_soup|linear|geometric_median|task_arithmetic]
+[-o config.yaml] [--scan] [--allow-vpred-mix] [--seed N]``, or ``mergekit-sdxl recipe --loras DIR
+--base FILE`` for a config that bakes the LoRA files under DIR into the base (``task_arithmetic``
+unless ``--method`` says otherwise).
 
 Writes the mergekit config (to ``-o`` or standard output) and prints what was kept and excluded,
 with reasons (to standard error when the YAML goes to standard output, so it can be piped).
@@ -23,8 +25,14 @@ logger = logging.getLogger(__name__)
 __all__ = ["recipe_command"]
 
 
-def _command_line(directory: Path, base: Path, method: str, output: Optional[Path], scan: bool, allow: bool, seed: Optional[int]) -> str:
-    parts: List[str] = ["mergekit-sdxl", "recipe", str(directory), "--base", str(base), "--method", method]
+def _command_line(
+    directory: Optional[Path], base: Path, method: str, output: Optional[Path], scan: bool, allow: bool, seed: Optional[int],
+    loras: Optional[Path] = None,
+) -> str:
+    parts: List[str] = ["mergekit-sdxl", "recipe"] + ([str(directory)] if directory is not None else [])
+    if loras is not None:
+        parts += ["--loras", str(loras)]
+    parts += ["--base", str(base), "--method", method]
     if output is not None:
         parts += ["-o", str(output)]
     if scan:
@@ -37,26 +45,41 @@ def _command_line(directory: Path, base: Path, method: str, output: Optional[Pat
 
 
 def recipe_command(
-    directory: Path = typer.Argument(..., help="Folder of downloaded checkpoints (searched recursively for *.safetensors)."),
+    directory: Optional[Path] = typer.Argument(None, help="Folder of downloaded checkpoints (searched recursively for *.safetensors)."),
     base: Path = typer.Option(..., "--base", help="The base model (e.g. sd_xl_base_1.0.safetensors); never listed as a model."),
-    method: Method = typer.Option(Method.tgmd, "--method", help="Merge method; its reference parameters are written."),
+    method: Optional[Method] = typer.Option(
+        None, "--method", help="Merge method (default tgmd; task_arithmetic with --loras); its reference parameters are written."
+    ),
+    loras: Optional[Path] = typer.Option(
+        None, "--loras", help="Folder of LoRA/LyCORIS files to bake into the base (one model per LoRA), instead of DIR."
+    ),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the config here (default: standard output)."),
     scan: bool = typer.Option(False, "--scan", help="Also read every value: exclude files with NaN/inf."),
     allow_vpred_mix: bool = typer.Option(False, "--allow-vpred-mix", help="Keep v-prediction models beside an epsilon base (or the reverse)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the DROP masks (tgmd default: 240603)."),
 ) -> None:
-    """Discover, validate and filter checkpoints; write a mergekit config pinned by sha256."""
+    """Discover, validate and filter checkpoints (or LoRAs); write a mergekit config pinned by sha256."""
+    from mergekit_sdxl.errors import UsageError
     from mergekit_sdxl.io.output_guard import check_config_target, check_not_foreign
     from mergekit_sdxl.io.safe_write import atomic_write_text
+    from mergekit_sdxl.workflow.lora_recipe import LORA_METHOD_DEFAULT, build_lora_recipe
     from mergekit_sdxl.workflow.recipe import is_our_recipe, refuse_writes_over_inputs
 
-    method_s = method.value if isinstance(method, Method) else str(method)
-    cmd = _command_line(directory, base, method_s, output, scan, allow_vpred_mix, seed)
+    if (directory is None) == (loras is None):
+        raise UsageError("give either DIR (a folder of checkpoints) or --loras DIR (a folder of LoRA files)")
+    folder = directory if directory is not None else loras
+    assert folder is not None
+    default = Method.tgmd.value if loras is None else LORA_METHOD_DEFAULT
+    method_s = method.value if isinstance(method, Method) else str(method or default)
+    cmd = _command_line(directory, base, method_s, output, scan, allow_vpred_mix, seed, loras)
     if output is not None:
         check_config_target(output)
         check_not_foreign(output, is_our_recipe, "a recipe")
-        refuse_writes_over_inputs([output], directory, base, own_outputs_allowed=False)
-    result = build_recipe(directory, base, method_s, scan=scan, allow_vpred_mix=allow_vpred_mix, seed=seed, command=cmd)
+        refuse_writes_over_inputs([output], folder, base, own_outputs_allowed=False)
+    if loras is not None:
+        result = build_lora_recipe(loras, base, method_s, scan=scan, seed=seed, command=cmd)
+    else:
+        result = build_recipe(folder, base, method_s, scan=scan, allow_vpred_mix=allow_vpred_mix, seed=seed, command=cmd)
     to_stdout = output is None
     for line in result.summary_lines():
         typer.echo(line, err=to_stdout)

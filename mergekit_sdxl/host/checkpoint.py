@@ -162,6 +162,27 @@ class SDXLCheckpointLoader(LazyTensorLoader):
         self.bytes_read += length
         return buffer
 
+    def advise(self, key: str, row_start: int = 0, row_stop: Optional[int] = None) -> None:
+        """Ask the OS to start reading rows [row_start, row_stop) of ``key`` now (a hint, no
+        memory of ours: the page cache fills while the current key is computed)."""
+        if key not in self.index.byte_ranges or not hasattr(os, "posix_fadvise"):
+            return
+        begin, end = self.index.byte_ranges[key]
+        shape = self.index.stored_shapes.get(key, ())
+        rows = shape[0] if shape else 1
+        row_bytes = (end - begin) // rows if rows else 0
+        stop = rows if row_stop is None else min(rows, row_stop)
+        if stop <= row_start or row_bytes == 0:
+            return
+        try:
+            with self.lock:
+                if self._fd is None:
+                    self._fd = os.open(self.index.file_path, os.O_RDONLY)
+                fd = self._fd
+            os.posix_fadvise(fd, begin + row_start * row_bytes, (stop - row_start) * row_bytes, os.POSIX_FADV_WILLNEED)
+        except OSError:  # only a hint: the read itself reports real errors
+            pass
+
     def _stored_rows(self, key: str, row_start: int, row_stop: int) -> torch.Tensor:
         """Rows of the tensor as stored (row-major, so a row range is one byte range)."""
         shape = self.index.stored_shapes[key]

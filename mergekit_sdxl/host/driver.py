@@ -28,6 +28,7 @@ from mergekit_sdxl.host.merge_planning import plan_merge
 from mergekit_sdxl.host.mergekit_api import MergeConfiguration, MergeOptions, mergekit_version
 from mergekit_sdxl.host.planner import SDXLRules
 from mergekit_sdxl.host.plugin import register_all
+from mergekit_sdxl.host.ray_merge import RaySettings, check_ray_merge, ray_stream_merge, worker_budget
 from mergekit_sdxl.host.streaming import bytes_read, stream_merge
 from mergekit_sdxl.host.validate import ValidatedConfig, check_contents, validate_config
 from mergekit_sdxl.io.background_hash import BackgroundHasher
@@ -56,8 +57,10 @@ from mergekit_sdxl.io.writer import StreamingCheckpointWriter, WriteResult
 from mergekit_sdxl.kernels.memory_plan import MemoryPlan
 from mergekit_sdxl.sdxl.families import MERGEABLE_FAMILIES
 from mergekit_sdxl.version import __version__
+from mergekit_sdxl.workflow.lora_check import check_lora_inputs
 from mergekit_sdxl.workflow.options import SDXLOptions
 from mergekit_sdxl.workflow.preflight import PreflightReport, preflight
+from mergekit_sdxl.workflow.recipe import config_loras
 
 LOG = logging.getLogger(__name__)
 
@@ -168,6 +171,8 @@ def run_sdxl_merge(
     verify_pins: bool = True,
     allow_base_in_models: bool = False,
     keep_paths: bool = False,
+    devices: Optional[Sequence[str]] = None,
+    ray: Optional[RaySettings] = None,
 ) -> MergeResult:
     """Merge SDXL checkpoints into one safetensors file.
 
@@ -175,11 +180,15 @@ def run_sdxl_merge(
     ``verify_pins`` checks the inputs against the recipe's sha256 pins; ``keep_paths`` records
     full input paths in the published metadata (by default only file names). Before any work
     the config is validated, every path the merge writes is checked against every input, and
-    the output's lock is taken (one merge per output at a time).
+    the output's lock is taken (one merge per output at a time). ``devices``: merge keys on
+    these devices at once (``--multi-gpu`` gives every CUDA device); the bytes are those of a
+    merge on one device of that kind. ``ray``: merge the keys as jobs on a Ray cluster
+    (``host/ray_merge.py``), to the same bytes.
     """
     started = time.monotonic()
-    if options.multi_gpu:
-        raise MergeError("--multi-gpu is not supported by mergekit-sdxl merge (one device per merge); use --cuda")
+    if ray is not None:
+        check_ray_merge(ray, options, devices)
+    lanes = list(devices) if devices is not None else (_all_gpus() if options.multi_gpu else None)
     register_all()
     cache = HashCache()
     label = source or "(given as text)"
@@ -192,8 +201,13 @@ def run_sdxl_merge(
         with BackgroundHasher(cache, [p for p, _ in roles]) as hasher:
             contents = _ContentIds(roles, validated, hasher, cache)
             check_contents(validated, source=label, sha256_of=contents, verify_pins=verify_pins)
-            plan = MemoryPlan(budget_bytes=loaded.sdxl.memory_budget_bytes, adjust_threads=not options.multi_gpu)
-            planned = plan_merge(loaded.config, options, SDXLRules(options=loaded.sdxl, plan=plan), [p for p, _ in roles])
+            budget = loaded.sdxl.memory_budget_bytes
+            if ray is not None:  # the budget of each Ray worker
+                budget = worker_budget(loaded.sdxl, ray, options.num_threads or 1)
+            # Lanes run keys in threads: the process-wide torch thread count must stay as set.
+            plan = MemoryPlan(budget_bytes=budget, adjust_threads=not lanes)
+            checkpoints = [p for p, role in roles if role != "lora"]
+            planned = plan_merge(loaded.config, options, SDXLRules(options=loaded.sdxl, plan=plan), checkpoints)
             provenance = _Provenance(loaded, roles, report, out_path, keep_paths, hasher, contents.possible_copies)
             writer = StreamingCheckpointWriter.open_or_resume(
                 out_path,
@@ -204,9 +218,15 @@ def run_sdxl_merge(
                 alternate_metadata=provenance.alternate,
             )
             _check_free_space(writer)
-            start = bytes_read()
+            start, worker_bytes = bytes_read(), 0
             with writer:
-                stream_merge(writer, planned.targets, device=options.device or "cpu", quiet=options.quiet)
+                if ray is None:
+                    stream_merge(
+                        writer, planned.targets, device=options.device or "cpu", quiet=options.quiet, devices=lanes
+                    )
+                else:
+                    run = ray_stream_merge(writer, planned.targets, options=options, settings=ray, budget=budget)
+                    worker_bytes = run.bytes_read
                 infos = provenance.final_infos()
                 _check_unchanged(stats)
                 metadata = provenance.metadata(infos)
@@ -218,8 +238,21 @@ def run_sdxl_merge(
                 )
     cache.record(out_path, result.sha256)
     return MergeResult(
-        write=result, keys=len(planned.entries), bytes_read=bytes_read() - start, seconds=time.monotonic() - started
+        write=result,
+        keys=len(planned.entries),
+        bytes_read=bytes_read() - start + worker_bytes,
+        seconds=time.monotonic() - started,
     )
+
+
+def _all_gpus() -> List[str]:
+    """Every CUDA device, for ``--multi-gpu`` (at least one, or a clear error)."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count < 1:
+        raise MergeError("--multi-gpu: this torch sees no CUDA device; leave the option out to merge on the CPU")
+    return [f"cuda:{i}" for i in range(count)]
 
 
 def _checked_inputs(
@@ -257,12 +290,13 @@ def _checked_inputs(
 def _preflight(loaded: LoadedConfig, roles: Sequence[Tuple[str, str]], scan: bool) -> PreflightReport:
     base = loaded.config.base_model.model.path if loaded.config.base_model else None
     report = preflight(
-        [Path(p) for p, _ in roles],
+        [Path(p) for p, role in roles if role != "lora"],
         base=Path(base) if base else None,
         allow_vpred_mix=loaded.sdxl.allow_vpred_mix,
         scan=scan,
         families=MERGEABLE_FAMILIES,  # what the loader merges
     )
+    check_lora_inputs(config_loras(loaded.config))  # each LoRA against its checkpoint, headers only
     LOG.info("%s", report.summary())
     return report
 
@@ -412,7 +446,7 @@ def _make_output_folder(out_path: str) -> None:
 
 
 def _role_label(role: str) -> str:
-    return {"base": "the base model", "vae": "the VAE donor"}.get(role, "the input model")
+    return {"base": "the base model", "vae": "the VAE donor", "lora": "an input LoRA"}.get(role, "the input model")
 
 
 def _check_free_space(writer: StreamingCheckpointWriter) -> None:

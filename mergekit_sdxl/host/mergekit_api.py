@@ -66,6 +66,14 @@ SYMBOLS: Dict[str, Tuple[str, str]] = {
     "TensorGroup": ("mergekit.merge_methods.base", "TensorGroup"),
     "TensorMetadata": ("mergekit.merge_methods.base", "TensorMetadata"),
     "ExecuteMergeMethodTask": ("mergekit.merge_methods.task_adapter", "ExecuteMergeMethodTask"),
+    # mergekit's own method code the budgeted built-ins run on row chunks (host/budgeted_methods.py)
+    "GeneralizedTaskArithmeticMerge": (
+        "mergekit.merge_methods.generalized_task_arithmetic",
+        "GeneralizedTaskArithmeticMerge",
+    ),
+    "sign_consensus_mask": ("mergekit.merge_methods.generalized_task_arithmetic", "get_mask"),
+    "SparsificationMethod": ("mergekit.sparsify", "SparsificationMethod"),
+    "sparsify": ("mergekit.sparsify", "sparsify"),
     # planning
     "MergePlanner": ("mergekit.plan", "MergePlanner"),
 }
@@ -79,6 +87,7 @@ SIGNATURES: Tuple[Tuple[str, str, Tuple[str, ...]], ...] = (
     ("ModelReference", "config", ("self", "trust_remote_code")),
     ("ModelReference", "tensor_index", ("self", "cache_dir")),
     ("ModelReference", "lazy_loader", ("self", "cache_dir", "lazy_unpickle")),
+    ("ModelReference", "merged", ("self", "cache_dir", "trust_remote_code", "lora_merge_dtype")),
     ("ConfigReader", "parameter_sources", ("self", "model")),
     ("GroupMergeMethod", "_execute", ("self", "groups", "parameters", "options", "input_dtypes", "out_dtype")),
     ("Executor", "run", ("self", "quiet", "desc")),
@@ -243,7 +252,13 @@ if TYPE_CHECKING:  # the names as the type checker sees them
     from mergekit.merge_methods.base import TensorEntry as TensorEntry
     from mergekit.merge_methods.base import TensorGroup as TensorGroup
     from mergekit.merge_methods.base import TensorMetadata as TensorMetadata
+    from mergekit.merge_methods.generalized_task_arithmetic import (
+        GeneralizedTaskArithmeticMerge as GeneralizedTaskArithmeticMerge,
+    )
+    from mergekit.merge_methods.generalized_task_arithmetic import get_mask as sign_consensus_mask  # noqa: F401
     from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask as ExecuteMergeMethodTask
     from mergekit.options import MergeOptions as MergeOptions
     from mergekit.options import add_merge_options as add_merge_options
     from mergekit.plan import MergePlanner as MergePlanner
+    from mergekit.sparsify import SparsificationMethod as SparsificationMethod
+    from mergekit.sparsify import sparsify as sparsify

@@ -1,4 +1,4 @@
-"""mergekit merge methods ``tgmd``, ``ties_soup`` and ``geometric_median``.
+"""mergekit merge methods ``tgmd``, ``ties_soup``, ``dgmla`` and ``geometric_median``.
 
 They work on any architecture (LLMs included). Unlike mergekit's stock group
 methods they do not upcast whole inputs first: the kernels read row chunks in
@@ -43,6 +43,7 @@ RowReader = Callable[[int, int], Optional[torch.Tensor]]
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 NonNegative = Annotated[float, Field(ge=0.0)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 # The plan of merges run by mergekit itself (mergekit-yaml, the Python API): no budget.
 UNBUDGETED = MemoryPlan()
@@ -64,17 +65,32 @@ def _median_parameters() -> Tuple[ParameterSpec, ...]:
     )
 
 
-def _task_vector_spec(name: str, pretty: str, drop_rate: float, aggregate: str) -> MergeMethodSpec:
+_AUTHOR_NOTES = "https://github.com/6DammK9/nai-anime-pure-negative-prompt/tree/main/ch05"
+
+
+def _task_vector_spec(
+    name: str,
+    pretty: str,
+    drop_rate: float,
+    aggregate: str,
+    *,
+    drop_method: str = "uniform",
+    epsilon: float = 0.0,
+    reference_url: str = _AUTHOR_NOTES,
+) -> MergeMethodSpec:
+    """The spec of one TGMD-family method: the same parameters, with these defaults."""
     return MergeMethodSpec(
         name=name,
         pretty_name=pretty,
-        reference_url="https://github.com/6DammK9/nai-anime-pure-negative-prompt/tree/main/ch05",
+        reference_url=reference_url,
         contract=InputContract(base=BasePolicy.REQUIRED, min_inputs=1),
         optional_tensor_policy=OptionalTensorPolicy.PASSTHROUGH_BASE_SINGLETON,
         parameters=(
             _per_model("density", Fraction, 1.0, ParameterScope.NON_BASE),
             _per_model("drop_rate", Fraction, drop_rate, ParameterScope.NON_BASE),
+            _per_model("epsilon", Finite, epsilon, ParameterScope.NON_BASE),
             _per_model("weight", NonNegative, 1.0, ParameterScope.NON_BASE),
+            _shared("drop_method", Literal["uniform", "della"], drop_method),
             _shared("rescale", Fraction, 0.0),
             _shared("sign_election", Literal["count", "sum"], "count"),
             _shared("aggregate", Literal["median", "mean"], aggregate),
@@ -217,7 +233,8 @@ class ChunkedMergeMethod(GroupMergeMethod):
 
 
 class TaskVectorMedianMethod(ChunkedMergeMethod):
-    """TGMD: DROP, trim, sign election, disjoint mask, geometric median (or mean), add back."""
+    """TGMD and its relatives (TIES-SOUP, DGMLA): DROP (uniform or DELLA), trim, sign election,
+    disjoint mask, geometric median (or mean), add back."""
 
     def __init__(self, spec: MergeMethodSpec):
         self.spec = spec
@@ -236,6 +253,8 @@ class TaskVectorMedianMethod(ChunkedMergeMethod):
             drop_rate=tuple(per_model["drop_rate"]),
             density=tuple(per_model["density"]),
             weight=tuple(per_model["weight"]),
+            drop_method=shared["drop_method"],
+            epsilon=tuple(per_model["epsilon"]),
             rescale=shared["rescale"],
             sign_election=shared["sign_election"],
             aggregate=shared["aggregate"],
@@ -312,5 +331,17 @@ def build_methods() -> Tuple[ChunkedMergeMethod, ...]:
     return (
         TaskVectorMedianMethod(_task_vector_spec("tgmd", "TIES-GeoMedian with DROP (TGMD)", 0.1, "median")),
         TaskVectorMedianMethod(_task_vector_spec("ties_soup", "TIES-SOUP", 0.0, "mean")),
+        # AstolfoMix-XL's DGMLA: TGMD with DELLA's rank-dependent drop (p 0.1, epsilon -0.1), no rescale.
+        TaskVectorMedianMethod(
+            _task_vector_spec(
+                "dgmla",
+                "DELLA-GeoMedian (DGMLA)",
+                0.1,
+                "median",
+                drop_method="della",
+                epsilon=-0.1,
+                reference_url="https://github.com/6DammK9/nai-anime-pure-negative-prompt/blob/main/ch05/README_XL.MD",
+            )
+        ),
         GeometricMedianMethod(),
     )

@@ -29,6 +29,7 @@ import torch
 
 from mergekit_sdxl.errors import UsageError
 from mergekit_sdxl.host.architecture import is_sdxl_architecture
+from mergekit_sdxl.host.budgeted_methods import ELEMENTWISE, budgeted, statistics_bytes_per_element
 from mergekit_sdxl.host.mergekit_api import (
     ConfigReader,
     ExecuteMergeMethodTask,
@@ -53,7 +54,7 @@ from mergekit_sdxl.workflow.options import SDXLOptions
 LOG = logging.getLogger(__name__)
 
 # mergekit methods that give the same result row chunk by row chunk.
-ELEMENTWISE_METHODS = frozenset({"linear", "task_arithmetic", "passthrough"})
+ELEMENTWISE_METHODS = ELEMENTWISE
 
 PlanTensor = Callable[..., None]
 
@@ -302,26 +303,46 @@ def _intern_map(table: Dict[Any, Any], parameters: Any) -> Any:
 
 
 def _key_task(planner: Any, task: ExecuteMergeMethodTask, ours: bool, plan: MemoryPlan) -> Any:
-    """The task that merges this key: a MergeKeyTask under the plan, or mergekit's own task
-    for methods that need whole tensors."""
+    """The task that merges this key: a MergeKeyTask under the plan (this plugin's methods;
+    mergekit's elementwise ones when the key does not fit; under a budget, mergekit's built-ins
+    with per-tensor statistics, host/budgeted_methods.py), or mergekit's own task."""
     elementwise = planner.config.merge_method in ELEMENTWISE_METHODS
-    if not ours and not elementwise:
+    method = planner_method(planner)
+    # mergekit's methods with per-tensor statistics: under a budget, always in chunks with a pre-pass
+    # (host/budgeted_methods.py); mergekit's whole-tensor run would hold several copies of all N inputs.
+    builtin = not ours and not elementwise and plan.budget_bytes is not None and budgeted(method)
+    if not ours and not elementwise and not builtin:
         return task
     name = task.output_weight.name
     shape = None
     stored = 0  # the largest stored item size among the inputs
+    present = 0
     for model in task.model_order:
         index = LoaderCache().get(model).index
         if name in getattr(index, "shapes", {}):
             shape = shape or tuple(index.shapes[name])
             stored = max(stored, dtype_size(getattr(index, "dtypes", {}).get(name, "")) or 8)
-    if shape is None:
-        return task
+            present += 1
+    if shape is None or (builtin and present < len(task.model_order)):
+        return task  # an optional key some inputs lack: mergekit's own policy for it
     configured = dtype_from_name(planner.config.dtype)
-    compute = compute_dtype_for(configured) if ours else (configured or torch.float32)
-    # Our methods compute in chunks from stored inputs: only the stored bytes must fit.
-    whole = plan.merge_whole(shape, len(task.model_order), compute, stored if ours else None)
-    if whole and not ours:
+    compute = compute_dtype_for(configured) if ours or builtin else (configured or torch.float32)
+    n = len(task.model_order)
+    if builtin:
+        # The pre-pass holds about that many more stored inputs' worth of the key.
+        n += -(-statistics_bytes_per_element(method) // max(1, stored))
+    # Our methods and the budgeted built-ins compute in chunks from stored inputs: only the stored
+    # bytes must fit.
+    whole = plan.merge_whole(shape, n, compute, stored if ours or builtin else None)
+    if whole and elementwise:
         return task  # mergekit runs its elementwise method on the whole tensors itself
+    if not ours:
+        # mergekit casts whole inputs to the config dtype in the gather; here they stay as stored
+        # and each chunk is cast to that dtype instead.
+        gather = task.gather_tensors
+        task = task.model_copy(
+            update={"gather_tensors": gather.model_copy(update={"dtype": None}), "dtype": task.dtype or gather.dtype}
+        )
     device = planner.options.device if planner.options.device not in (None, "cpu") else None
-    return MergeKeyTask(merge=task, plan=plan, shape=shape, from_files=not whole, device=device)
+    seed = planner.options.random_seed or 0
+    return MergeKeyTask(merge=task, plan=plan, shape=shape, from_files=not whole, device=device, seed=seed)

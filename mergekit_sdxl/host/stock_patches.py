@@ -36,11 +36,13 @@ def unpatched(function: Callable) -> Callable:
 
 
 def route_checkpoint_files() -> None:
-    """``.safetensors`` single files as mergekit models.
+    """``.safetensors`` single files as mergekit models, and LoRA files on them as virtual models.
 
     Why: ``ModelReference.config`` wants a ``config.json`` and ``tensor_index``/``lazy_loader``
-    want a model directory; an SDXL checkpoint is one file. Upstream: a registry of model
-    loaders keyed by path (or an entry point for ``ModelReference`` resolvers).
+    want a model directory; an SDXL checkpoint is one file. ``ModelReference.merged`` would merge
+    a LoRA into a whole model on disk with PEFT; a LoRA on a checkpoint is read per key instead
+    (``host/lora_model.py``). Upstream: a registry of model loaders keyed by path (or an entry
+    point for ``ModelReference`` resolvers).
     """
     from mergekit_sdxl.host.checkpoint import (
         SDXLCheckpointLoader,
@@ -48,12 +50,20 @@ def route_checkpoint_files() -> None:
         checkpoint_index,
         is_checkpoint_file,
     )
+    from mergekit_sdxl.host.lora_model import (
+        is_lora_reference,
+        lora_model_config,
+        lora_model_index,
+        lora_model_loader,
+    )
     from mergekit_sdxl.host.mergekit_api import ModelReference
 
     def config(original: Callable) -> Callable:
         def wrapper(self: Any, trust_remote_code: bool = False) -> Any:
             if self.lora is None and is_checkpoint_file(self.model.path):
                 return checkpoint_config(self.model.path)
+            if is_lora_reference(self):
+                return lora_model_config(self)
             return original(self, trust_remote_code=trust_remote_code)
 
         return wrapper
@@ -62,6 +72,8 @@ def route_checkpoint_files() -> None:
         def wrapper(self: Any, cache_dir: Any = None) -> Any:
             if self.lora is None and is_checkpoint_file(self.model.path):
                 return checkpoint_index(self.model.path)
+            if is_lora_reference(self):
+                return lora_model_index(self)
             return original(self, cache_dir)
 
         return wrapper
@@ -70,13 +82,26 @@ def route_checkpoint_files() -> None:
         def wrapper(self: Any, cache_dir: Any = None, lazy_unpickle: bool = True) -> Any:
             if self.lora is None and is_checkpoint_file(self.model.path):
                 return SDXLCheckpointLoader(checkpoint_index(self.model.path))
+            if is_lora_reference(self):
+                return lora_model_loader(self)
             return original(self, cache_dir=cache_dir, lazy_unpickle=lazy_unpickle)
+
+        return wrapper
+
+    # A LoRA on a checkpoint file is a virtual model (host/lora_model.py): base + the LoRA's change
+    # computed per key and row chunk, never merged into a whole model on disk with PEFT.
+    def merged(original: Callable) -> Callable:
+        def wrapper(self: Any, cache_dir: Any = None, trust_remote_code: bool = False, lora_merge_dtype: Any = None) -> Any:
+            if is_lora_reference(self):
+                return self
+            return original(self, cache_dir=cache_dir, trust_remote_code=trust_remote_code, lora_merge_dtype=lora_merge_dtype)
 
         return wrapper
 
     _patch(ModelReference, "config", config)
     _patch(ModelReference, "tensor_index", tensor_index)
     _patch(ModelReference, "lazy_loader", lazy_loader)
+    _patch(ModelReference, "merged", merged)
 
 
 def index_parameter_sources() -> None:
@@ -178,7 +203,7 @@ def no_tokenizer_for_checkpoints() -> None:
     def copy_tokenizer(original: Callable) -> Callable:
         def wrapper(merge_config: Any, out_path: str, options: Any = None, **kwargs: Any) -> Any:
             donor = merge_config.base_model or next(iter(merge_config.referenced_models()), None)
-            if donor is not None and donor.lora is None and is_checkpoint_file(donor.model.path):
+            if donor is not None and is_checkpoint_file(donor.model.path):  # a LoRA on it included
                 LOG.info("%s is an SDXL checkpoint: no tokenizer to copy", donor.model.path)
                 return None
             return original(merge_config, out_path, options=options, **kwargs)

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Tuple
+from contextvars import ContextVar
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from mergekit_sdxl.errors import InputDataError
+from mergekit_sdxl.host.budgeted_methods import BuiltinKey, merge_builtin
+from mergekit_sdxl.host.lora_model import abstain_untouched
 from mergekit_sdxl.host.mergekit_api import (
     ExecuteMergeMethodTask,
     GatherTensors,
     LoaderCache,
     ModelReference,
-    ParameterScope,
     Task,
-    TensorEntry,
-    TensorGroup,
-    TensorMetadata,
     dtype_from_name,
     get_method,
 )
@@ -32,8 +31,17 @@ LOG = logging.getLogger(__name__)
 def _file_rows(loader: Any, name: str, device: str) -> RowReader:
     """Reader of rows of ``name`` straight from ``loader``'s file, moved to ``device``."""
 
+    advise = getattr(loader, "advise", None)
+
     def rows(start: int, stop: int) -> torch.Tensor:
-        return loader.get_rows(name, start, stop).to(device)
+        part = loader.get_rows(name, start, stop)
+        if advise is not None:
+            advise(name, stop, stop + (stop - start))  # the next chunk is read while this one is merged
+        if torch.device(device).type != "cuda":
+            return part.to(device)
+        # Through pinned memory, asynchronously: the copy overlaps the next read (torch keeps
+        # the pinned buffer alive until the copy has run).
+        return part.pin_memory().to(device, non_blocking=True)
 
     return rows
 
@@ -109,6 +117,11 @@ class PositionIds(Task[torch.Tensor]):
         return sdxl_keys.position_ids()
 
 
+# The math device of the lane running this thread's keys (``--multi-gpu``: one lane per GPU);
+# unset, a key runs on its planned ``device``.
+LANE_DEVICE: ContextVar[Optional[str]] = ContextVar("mergekit_sdxl_lane_device", default=None)
+
+
 class MergeKeyTask(Task[Optional[torch.Tensor]]):
     """Merges one key under the merge's :class:`MemoryPlan`.
 
@@ -124,6 +137,7 @@ class MergeKeyTask(Task[Optional[torch.Tensor]]):
     shape: Tuple[int, ...]
     from_files: bool = False
     device: Optional[str] = None  # math device (mergekit --cuda); file chunks are read on the CPU
+    seed: int = 0  # counter-based masks of mergekit's random methods (--random-seed)
 
     def arguments(self) -> Dict[str, Task]:
         return {} if self.from_files else {"tensors": self.merge.gather_tensors}
@@ -138,6 +152,9 @@ class MergeKeyTask(Task[Optional[torch.Tensor]]):
         task = self.merge
         method = get_method(task.method_name)
         readers = self._file_readers() if self.from_files else self._memory_readers(tensors or {})
+        if isinstance(method, ChunkedMergeMethod) and method.uses_base():
+            # LoRA models that leave this key alone: zero task vectors, nothing read.
+            readers = abstain_untouched(readers, task.base_model, task.output_weight.name)
         compute = compute_dtype_for(dtype_from_name(task.dtype))
         out_dtype = dtype_from_name(task.out_dtype)
         numel = 1
@@ -146,7 +163,7 @@ class MergeKeyTask(Task[Optional[torch.Tensor]]):
         with self.plan.threads_for(numel):
             if isinstance(method, ChunkedMergeMethod):
                 return self._merge_readers(method, readers, compute, out_dtype)
-            return self._elementwise(method, readers, compute, out_dtype)
+            return self._builtin(method, readers, out_dtype)
 
     def _file_readers(self) -> Dict[ModelReference, Optional[RowReader]]:
         weight_info = self.merge.gather_tensors.weight_info
@@ -157,7 +174,7 @@ class MergeKeyTask(Task[Optional[torch.Tensor]]):
             if name not in loader.index.tensor_paths:
                 readers[model] = None
                 continue
-            readers[model] = _file_rows(loader, name, self.device or "cpu")
+            readers[model] = _file_rows(loader, name, LANE_DEVICE.get() or self.device or "cpu")
         return readers
 
     def _memory_readers(self, tensors: Dict[ModelReference, torch.Tensor]) -> Dict[ModelReference, Optional[RowReader]]:
@@ -203,39 +220,23 @@ class MergeKeyTask(Task[Optional[torch.Tensor]]):
         reuse = self.plan.reuse_bytes if self.from_files else 0
         return method.merge_readers(inputs, bound, compute, rows, out_dtype, reuse)
 
-    def _elementwise(
-        self,
-        method: Any,
-        readers: Dict[ModelReference, Optional[RowReader]],
-        compute: torch.dtype,
-        out_dtype: Optional[torch.dtype],
+    def _builtin(
+        self, method: Any, readers: Dict[ModelReference, Optional[RowReader]], out_dtype: Optional[torch.dtype]
     ) -> torch.Tensor:
-        """Row chunks through an elementwise mergekit method (linear, task_arithmetic), called
-        through its public interface, which binds and validates the parameters itself."""
+        """One of mergekit's own methods, in row chunks with its per-tensor statistics computed
+        first (host/budgeted_methods.py); mergekit's dtype rule, not the plugin's."""
         task = self.merge
-        present = [m for m in task.model_order if readers[m] is not None]
-        rows, _cols = rows_cols(torch.Size(self.shape))
-        step = self.plan.rows_per_chunk(self.shape, len(present), compute)
-        output: Optional[torch.Tensor] = None
-        for start in range(0, rows, step):
-            stop = min(rows, start + step)
-            entries = tuple(
-                TensorEntry(id=m, tensor=readers[m](start, stop), is_base=m == task.base_model)  # type: ignore[misc]
-                for m in present
-            )
-            group = TensorGroup(entries=entries, metadata=TensorMetadata(name=task.output_weight.name))
-            parameters: Dict[str, Any] = dict(task.parameters.items())
-            for parameter in method.spec.input_parameters:
-                ids: List[ModelReference] = [
-                    e.id for e in (entries if parameter.scope == ParameterScope.INPUT else group.non_base)
-                ]
-                parameters[parameter.name] = {m: task.input_parameters[m][parameter.name] for m in ids}
-            (chunk,) = method((group,), parameters=parameters, dtype=compute, out_dtype=out_dtype or compute)
-            if output is None:
-                output = torch.empty((rows,) + tuple(chunk.shape[1:]), dtype=chunk.dtype)
-            output[start:stop] = chunk
-        assert output is not None
-        return output.reshape(self.shape)
+        key = BuiltinKey(
+            name=task.output_weight.name,
+            shape=tuple(self.shape),
+            readers=tuple((m, readers[m]) for m in task.model_order),
+            base=task.base_model,
+            dtype=dtype_from_name(task.dtype),
+            out_dtype=out_dtype,
+            plan=self.plan,
+            seed=self.seed,
+        )
+        return merge_builtin(method, key, dict(task.parameters.items()), lambda m, p: task.input_parameters[m][p])
 
 
 class OutputTensor(Task[Optional[torch.Tensor]]):

@@ -85,6 +85,7 @@ class InputEntry:
     role: str  # "base", "model", "lora" or "vae"
     group: str = ""  # the input list it belongs to ("models", "slices[0]", ...); duplicates are per group
     remote: bool = False  # a Hugging Face Hub reference (revision, or an owner/name id that is not a local path)
+    lora: Optional[str] = None  # a model entry's LoRA file: the input is that model with that LoRA
 
     @property
     def name(self) -> str:
@@ -101,7 +102,7 @@ class Pin:
     path: str
     sha256: str
     line: int  # 1-based line of the comment
-    role: str  # "base" or "model"
+    role: str  # "base", "model" or "lora" (a LoRA entry pins its LoRA file)
     size: Optional[int] = None
     autov2: Optional[str] = None
 
@@ -480,6 +481,7 @@ def _show(value: Any) -> str:
 _KERNEL_CHECKS: Dict[Tuple[str, str], Tuple[Callable[[Any], bool], str]] = {
     ("tgmd", "maxiter"): (lambda v: v >= 1, "must be at least 1"),
     ("ties_soup", "maxiter"): (lambda v: v >= 1, "must be at least 1"),
+    ("dgmla", "maxiter"): (lambda v: v >= 1, "must be at least 1"),
 }
 
 
@@ -688,7 +690,7 @@ def config_entries(raw: Dict[str, Any], source: str) -> List[InputEntry]:
     for group in groups:
         for entry in group.entries:
             ref = entry.ref
-            out.append(InputEntry(entry.where, ref.path, "model", group.name, _is_remote(ref.path, ref.revision)))
+            out.append(InputEntry(entry.where, ref.path, "model", group.name, _is_remote(ref.path, ref.revision), ref.lora))
             if ref.lora is not None:
                 out.append(InputEntry(f"{entry.where} lora", ref.lora, "lora", "", _is_remote(ref.lora, ref.lora_revision)))
     vae = (raw.get("sdxl") or {}).get("vae") if isinstance(raw.get("sdxl"), dict) else None
@@ -763,8 +765,16 @@ def _check_duplicates(entries: List[InputEntry], allow_base_in_models: bool, sou
         if e.role == "base" and not e.remote:
             bases.add(e)
     groups: Dict[str, _FileSet] = {}
+    with_lora: Dict[Tuple[str, Any], InputEntry] = {}
     for entry in entries:
         if entry.role != "model" or entry.remote:
+            continue
+        if entry.lora is not None:  # one input per (model, LoRA) pair: the base with many LoRAs is fine
+            pair = (entry.group, (_identity(entry.path), _identity(entry.lora)))
+            if pair in with_lora:
+                first = with_lora[pair]
+                raise ConfigError(f"config {source}: {entry.describe()} with LoRA {entry.lora} is the same input as {first.describe()}: list each input once")
+            with_lora[pair] = entry
             continue
         seen = groups.setdefault(entry.group, _FileSet())
         earlier = seen.find(entry.path)
@@ -843,9 +853,10 @@ def _pinned_entry(line: str) -> Optional[Tuple[str, str]]:
         return None
     role, ref = ("base", item.get("base_model")) if "base_model" in item else ("model", item.get("model"))
     try:
-        return role, _parse_ref(ref, "", "").path
+        parsed = _parse_ref(ref, "", "")
     except ConfigError:
         return None
+    return ("lora", parsed.lora) if parsed.lora is not None else (role, parsed.path)  # a LoRA entry pins its LoRA
 
 
 def parse_pins(text: str, source: str = "config", warnings: Optional[List[str]] = None) -> List[Pin]:

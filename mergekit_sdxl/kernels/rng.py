@@ -18,7 +18,16 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["keep_mask", "keep_masks", "stable_hash", "mask_key", "splitmix64_int", "U_BITS"]
+__all__ = [
+    "keep_mask",
+    "keep_masks",
+    "uniform_bits",
+    "uniform_bits_at",
+    "stable_hash",
+    "mask_key",
+    "splitmix64_int",
+    "U_BITS",
+]
 
 _MASK64 = (1 << 64) - 1
 _GAMMA = 0x9E3779B97F4A7C15
@@ -174,3 +183,38 @@ def keep_masks(
     if dst is not out:
         out[hashed] = dst
     return out
+
+
+def _top_bits_(z: torch.Tensor, key: int, tmp: torch.Tensor) -> torch.Tensor:
+    """In place: element indices ``z`` (int64) -> the top :data:`U_BITS` bits of their hash
+    under stream ``key``, exactly the bits :func:`keep_mask` compares."""
+    z.mul_(_signed(_GAMMA)).add_(_signed(key))
+    _xor_srl_(z, 30, tmp)
+    z.mul_(_signed(_M1))
+    _xor_srl_(z, 27, tmp)
+    z.mul_(_signed(_M2))
+    _xor_srl_(z, 31, tmp)
+    torch.bitwise_right_shift(z, 64 - U_BITS, out=tmp)
+    tmp.bitwise_and_((1 << U_BITS) - 1)
+    z.copy_(tmp)
+    return z
+
+
+def uniform_bits(
+    seed: int, tensor_name: str, model_key: str, start: int, count: int, device: Optional[torch.device | str] = None
+) -> torch.Tensor:
+    """int64 [count]: the draws ``u * 2^53`` of elements ``start .. start+count-1`` (``u`` uniform
+    on [0, 1)), the very numbers :func:`keep_mask` compares: it keeps an element iff
+    ``uniform_bits * 2^-53 < keep_prob``. For keep probabilities that differ per element (DELLA)."""
+    if start < 0 or count < 0:
+        raise ValueError("start and count must be >= 0")
+    z = torch.arange(start, start + count, dtype=torch.int64, device=device)
+    return _top_bits_(z, mask_key(seed, tensor_name, model_key), torch.empty_like(z))
+
+
+def uniform_bits_at(seed: int, tensor_name: str, model_key: str, index: torch.Tensor) -> torch.Tensor:
+    """:func:`uniform_bits` of arbitrary element indices (int64 tensor, any order, on its device)."""
+    z = index.to(torch.int64).clone()
+    if z.numel() and bool((z < 0).any()):
+        raise ValueError("element indices must be >= 0")
+    return _top_bits_(z, mask_key(seed, tensor_name, model_key), torch.empty_like(z))

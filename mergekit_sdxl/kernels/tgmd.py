@@ -2,9 +2,10 @@
 
 A tensor is read through reader callables in row chunks (any ``rows_per_chunk``), so memory
 is O(N x chunk): never N whole upcast copies. Everything per element is computed chunk-wise;
-the only whole-tensor quantities are the trim thresholds (a pre-pass, one model at a time) and
-the Gram matrix of the median (canonically blocked). The result is therefore bit-identical
-for any chunk size and thread count on a given device.
+the only whole-tensor quantities are the DELLA rank sketches and the trim thresholds (pre-passes,
+one model at a time, kept as O(sqrt n) and O(1) numbers per model) and the Gram matrix of the
+median (canonically blocked). The result is therefore bit-identical for any chunk size and thread
+count on a given device.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from .aggregate import disjoint_mean, ordered_sum
 from .consensus import elect_sign
+from .della import DellaSketch, della_keep, della_sketch
 from .geomedian import GramAccumulator, weiszfeld_gram
 from .rng import keep_masks
 from .sparsify import trim_threshold
@@ -25,6 +27,7 @@ from .tgmd_fused import NotOnCPU, resolve_kernel, tgmd_fused_once
 
 __all__ = [
     "TGMDParams",
+    "DROP_METHODS",
     "RowReader",
     "MaskFn",
     "rows_cols",
@@ -43,6 +46,7 @@ MaskFn = Callable[[int, int, int], torch.Tensor]
 
 _SIGN_ELECTIONS = ("count", "sum", "none")
 _AGGREGATES = ("median", "mean")
+DROP_METHODS = ("uniform", "della")
 
 
 @dataclass(frozen=True)
@@ -60,11 +64,24 @@ class TGMDParams:
     ftol: float = 1e-20
     lambda_: float = 1.0
     seed: int = 0
+    # DROP's keep probability: ``uniform`` 1 - p for every entry; ``della`` by magnitude rank
+    # within the model's task vector, shifted by the per-model ``epsilon`` (kernels/della.py).
+    drop_method: str = "uniform"
+    epsilon: Sequence[float] = ()  # per model; empty: 0 for every model
 
     def __post_init__(self) -> None:
         n = len(self.drop_rate)
         if len(self.density) != n or len(self.weight) != n:
             raise ValueError("drop_rate, density and weight need one entry per model")
+        if self.drop_method not in DROP_METHODS:
+            raise ValueError(f"drop_method must be one of {DROP_METHODS}, got {self.drop_method!r}")
+        if not self.epsilon:
+            object.__setattr__(self, "epsilon", (0.0,) * n)
+        if len(self.epsilon) != n:
+            raise ValueError("epsilon needs one entry per model")
+        for e in self.epsilon:
+            if not math.isfinite(e):
+                raise ValueError(f"epsilon must be finite, got {e}")
         for p in self.drop_rate:
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"drop_rate must be in [0, 1], got {p}")
@@ -84,6 +101,14 @@ class TGMDParams:
             raise ValueError("need eps > 0, maxiter >= 1, ftol >= 0")
         if not math.isfinite(self.lambda_):
             raise ValueError("lambda must be finite")
+
+    def della(self, i: int) -> bool:
+        """Whether model ``i``'s masks depend on magnitude ranks (DELLA with epsilon != 0 and
+        something kept); otherwise they are uniform DROP's (DELLA with epsilon 0 is the same)."""
+        return self.drop_method == "della" and self.epsilon[i] != 0.0 and self.drop_rate[i] < 1.0
+
+    def uses_della(self) -> bool:
+        return any(self.della(i) for i in range(len(self.drop_rate)))
 
 
 def rows_cols(shape: Sequence[int]) -> Tuple[int, int]:
@@ -296,6 +321,7 @@ def merge_task_vectors(
     ``masks`` replaces the random DROP masks (tests, reproducing published masks).
     ``kernel``: ``auto`` (default, or ``MERGEKIT_SDXL_KERNEL``): the fused numba kernels on CPU,
     the torch reference elsewhere; ``fused`` / ``torch`` force one. Both give the same bytes.
+    DELLA masks (``params.uses_della()``) are drawn by the torch reference only, whatever ``kernel``.
     ``reuse_bytes``: how much of the rows read by the first pass may be kept for the second
     (readers over files; 0 for in-memory readers).
     """
@@ -305,6 +331,8 @@ def merge_task_vectors(
     ctx = _Context(tensor_name, shape, compute_dtype, rows_per_chunk, device, reuse_bytes)
     out_dtype = out_dtype or compute_dtype
     chosen = resolve_kernel(kernel, ctx.device, masks is not None)
+    if chosen == "fused" and params.uses_della():
+        chosen = "torch"  # the fused kernels draw uniform DROP masks only; DELLA's run here
     excluded: List[int] = []
     while True:
         active = [i for i in range(n) if i not in excluded]
@@ -321,6 +349,72 @@ def merge_task_vectors(
             on_bad_input(bad.index, bad.message)
 
 
+Sketches = Mapping[int, DellaSketch]
+"""model index -> the DELLA sketch of its task vector in this tensor (models with DELLA masks)."""
+
+
+def _raw_deltas(
+    ctx: _Context,
+    models: Sequence[RowReader],
+    model_keys: Sequence[str],
+    idx: Sequence[int],
+    b: torch.Tensor,
+    r0: int,
+    r1: int,
+) -> Tuple[torch.Tensor, List[bool]]:
+    """Task vectors [len(idx), k] of models ``idx`` on rows r0:r1 (rows of absent models are
+    zero) and which models are present; the first model with a non-finite value raises."""
+    d, present = ctx.stack(models, idx, r0, r1, lambda i: f"model {model_keys[i]}")
+    d.sub_(b)
+    for j, ok in enumerate(present):
+        if not ok:
+            d[j].zero_()
+    bad = _first_bad_row(d)
+    if bad is not None:
+        i = idx[bad]
+        raise _BadInput(i, f"{ctx.name}: model {model_keys[i]} has non-finite values (rows {r0}:{r1})")
+    return d, present
+
+
+def _apply_drop(
+    ctx: _Context,
+    model_keys: Sequence[str],
+    params: TGMDParams,
+    masks: Optional[MaskFn],
+    sketches: Sketches,
+    idx: Sequence[int],
+    d: torch.Tensor,
+    start: int,
+) -> torch.Tensor:
+    """DROP in place on task vectors ``d`` [len(idx), k] of models ``idx`` starting at flat
+    element ``start``: one mask call for the uniform models, the sketch for each DELLA one."""
+    k = d.shape[1]
+    rates = [params.drop_rate[i] for i in idx]
+    della_rows = {j: sketches[i] for j, i in enumerate(idx) if i in sketches}
+    if masks is not None:
+        keep = torch.stack(
+            [masks(i, start, k).to(device=d.device, dtype=torch.bool).reshape(-1) for i in idx]
+        ) if idx else torch.empty(0, k, dtype=torch.bool, device=d.device)
+        for j, p in enumerate(rates):
+            if p >= 1.0:
+                keep[j] = False  # apply_drop: p = 1 drops everything whatever the mask
+    elif any(p > 0.0 for p in rates) or della_rows:
+        probs = [1.0 if j in della_rows else 1.0 - p for j, p in enumerate(rates)]
+        keep = keep_masks(params.seed, ctx.name, [model_keys[i] for i in idx], start, k, probs, device=d.device)
+        for j, sketch in della_rows.items():
+            # Ranked by the undropped magnitudes, as the sketch was built.
+            keep[j] = della_keep(sketch, d[j].abs(), start)
+    else:
+        return d
+    # where(keep, d, 0) in place: a dropped entry becomes exactly +0.
+    d.masked_fill_(keep.logical_not_(), 0.0)
+    factors = rescale_factors(params, idx)
+    if any(f != 1.0 for f in factors):
+        # Per-row scalar broadcast: the same IEEE product as multiplying each row by its scalar.
+        d.mul_(torch.tensor(factors, dtype=d.dtype, device=d.device)[:, None])
+    return d
+
+
 def _dropped_deltas(
     ctx: _Context,
     models: Sequence[RowReader],
@@ -331,48 +425,60 @@ def _dropped_deltas(
     b: torch.Tensor,
     r0: int,
     r1: int,
+    sketches: Optional[Sketches] = None,
 ) -> Tuple[torch.Tensor, List[bool]]:
     """Dropped task vectors [len(idx), k] of models ``idx`` on rows r0:r1 (untrimmed; rows of
     absent models are zero) and which models are present. All models at once: one read
     buffer, one finiteness check, one DROP mask call."""
-    d, present = ctx.stack(models, idx, r0, r1, lambda i: f"model {model_keys[i]}")
-    d.sub_(b)
-    for j, ok in enumerate(present):
-        if not ok:
-            d[j].zero_()
-    bad = _first_bad_row(d)
-    if bad is not None:
-        i = idx[bad]
-        raise _BadInput(i, f"{ctx.name}: model {model_keys[i]} has non-finite values (rows {r0}:{r1})")
-    start = r0 * ctx.cols
-    k = d.shape[1]
-    rates = [params.drop_rate[i] for i in idx]
-    if masks is not None:
-        keep = torch.stack(
-            [masks(i, start, k).to(device=d.device, dtype=torch.bool).reshape(-1) for i in idx]
-        ) if idx else torch.empty(0, k, dtype=torch.bool, device=d.device)
-        for j, p in enumerate(rates):
-            if p >= 1.0:
-                keep[j] = False  # apply_drop: p = 1 drops everything whatever the mask
-    elif any(p > 0.0 for p in rates):
-        keep = keep_masks(params.seed, ctx.name, [model_keys[i] for i in idx], start, k, [1.0 - p for p in rates], device=d.device)
-    else:
-        return d, present
-    # where(keep, d, 0) in place: a dropped entry becomes exactly +0.
-    d.masked_fill_(keep.logical_not_(), 0.0)
-    factors = rescale_factors(params, idx)
-    if any(f != 1.0 for f in factors):
-        # Per-row scalar broadcast: the same IEEE product as multiplying each row by its scalar.
-        d.mul_(torch.tensor(factors, dtype=d.dtype, device=d.device)[:, None])
-    return d, present
+    d, present = _raw_deltas(ctx, models, model_keys, idx, b, r0, r1)
+    return _apply_drop(ctx, model_keys, params, masks, sketches or {}, idx, d, r0 * ctx.cols), present
 
 
 def rescale_factors(params: TGMDParams, idx: Sequence[int]) -> List[float]:
-    """DROP's rescale factor (1 - p)^(-rescale) per model of ``idx`` (1 where nothing is dropped)."""
+    """DROP's rescale factor (1 - p)^(-rescale) per model of ``idx`` (1 where nothing is dropped).
+
+    DELLA rescales by the same factor (sd-mecha's ``ties_sum_with_dropout`` divides by 1 - p),
+    not by each entry's own 1 / p_keep."""
     if params.rescale == 0.0:
         return [1.0] * len(idx)
     rates = [params.drop_rate[i] for i in idx]
     return [(1.0 - p) ** (-params.rescale) if 0.0 < p < 1.0 else 1.0 for p in rates]
+
+
+def _sketch(ctx: _Context, params: TGMDParams, model_keys: Sequence[str], i: int, magnitude: torch.Tensor) -> DellaSketch:
+    return della_sketch(
+        magnitude, params.drop_rate[i], params.epsilon[i], seed=params.seed, tensor_name=ctx.name, model_key=model_keys[i]
+    )
+
+
+def della_sketches(
+    ctx: _Context,
+    base: RowReader,
+    models: Sequence[RowReader],
+    model_keys: Sequence[str],
+    params: TGMDParams,
+    idx: Sequence[int],
+) -> Dict[int, DellaSketch]:
+    """DELLA sketches of models ``idx``, each from its whole task vector's magnitudes, one model
+    at a time (a bad model is reported in model order). Absent models get none."""
+    sketches: Dict[int, DellaSketch] = {}
+    if not ctx.numel:
+        return sketches
+    for i in idx:
+        whole: Optional[torch.Tensor] = None
+        for r0, r1 in ctx.chunks():
+            b = ctx.base(base, r0, r1)
+            d, present = _raw_deltas(ctx, models, model_keys, [i], b, r0, r1)
+            if not present[0]:
+                whole = None
+                break
+            if whole is None:
+                whole = torch.empty(ctx.numel, dtype=ctx.dtype, device=d.device)
+            torch.abs(d[0], out=whole[r0 * ctx.cols : r1 * ctx.cols])
+        if whole is not None:
+            sketches[i] = _sketch(ctx, params, model_keys, i, whole)
+        del whole
+    return sketches
 
 
 def trim_thresholds(
@@ -383,6 +489,7 @@ def trim_thresholds(
     params: TGMDParams,
     masks: Optional[MaskFn],
     trimmed: Sequence[int],
+    sketches: Optional[Sketches] = None,
 ) -> Dict[int, Optional[torch.Tensor]]:
     """Trim thresholds of the ``trimmed`` models, each from its whole dropped task vector, one
     model at a time (a bad model is reported in model order). Absent models get none."""
@@ -391,7 +498,7 @@ def trim_thresholds(
         whole = None
         for r0, r1 in ctx.chunks():
             b = ctx.base(base, r0, r1)
-            d, present = _dropped_deltas(ctx, models, model_keys, params, masks, [i], b, r0, r1)
+            d, present = _dropped_deltas(ctx, models, model_keys, params, masks, [i], b, r0, r1, sketches)
             if not present[0]:
                 whole = None
                 break
@@ -414,29 +521,41 @@ def _tgmd_once(
     out_dtype: torch.dtype,
     masks: Optional[MaskFn],
 ) -> torch.Tensor:
-    def deltas(idx: Sequence[int], b: torch.Tensor, r0: int, r1: int) -> Tuple[torch.Tensor, List[bool]]:
-        return _dropped_deltas(ctx, models, model_keys, params, masks, idx, b, r0, r1)
+    sketches: Dict[int, DellaSketch] = {}
 
-    # Pre-pass: trim thresholds need each model's whole (dropped) task vector, one at a time.
+    def deltas(idx: Sequence[int], b: torch.Tensor, r0: int, r1: int) -> Tuple[torch.Tensor, List[bool]]:
+        return _dropped_deltas(ctx, models, model_keys, params, masks, idx, b, r0, r1, sketches)
+
+    # Pre-passes, one model at a time over its whole task vector: DELLA sketches (the ranks of
+    # the undropped magnitudes), then trim thresholds (of the dropped task vectors).
     thresholds: Dict[int, Optional[torch.Tensor]] = {}
     single = ctx.rows <= max(1, int(ctx.rows_per_chunk))
     cached: Optional[Tuple[torch.Tensor, torch.Tensor, List[bool]]] = None
     trimmed = [i for i in active if params.density[i] < 1.0]
-    if trimmed and single and ctx.numel:
-        # One chunk: all task vectors at once, kept for the main pass. A bad trimmed model is
-        # reported before any other, as the one-model-at-a-time pre-pass would.
+    ranked = [i for i in active if params.della(i)] if masks is None else []
+    if (trimmed or ranked) and single and ctx.numel:
+        # One chunk: all task vectors at once, kept for the main pass. A bad ranked, then a bad
+        # trimmed model is reported before any other, as the one-model-at-a-time pre-passes would.
         b = ctx.base(base, 0, ctx.rows)
         try:
-            d_all, present = deltas(active, b, 0, ctx.rows)
+            d_all, present = _raw_deltas(ctx, models, model_keys, active, b, 0, ctx.rows)
         except _BadInput:
-            deltas(trimmed, b, 0, ctx.rows)
+            _raw_deltas(ctx, models, model_keys, ranked, b, 0, ctx.rows)
+            _raw_deltas(ctx, models, model_keys, trimmed, b, 0, ctx.rows)
             raise
+        for j, i in enumerate(active):
+            if i in ranked and present[j]:
+                sketches[i] = _sketch(ctx, params, model_keys, i, d_all[j].abs())
+        _apply_drop(ctx, model_keys, params, masks, sketches, active, d_all, 0)
         for j, i in enumerate(active):
             if i in trimmed and present[j]:
                 thresholds[i] = trim_threshold(d_all[j], params.density[i])
         cached = (b, d_all, present)
-    elif trimmed:
-        thresholds = trim_thresholds(ctx, base, models, model_keys, params, masks, trimmed)
+    else:
+        if ranked:
+            sketches = della_sketches(ctx, base, models, model_keys, params, ranked)
+        if trimmed:
+            thresholds = trim_thresholds(ctx, base, models, model_keys, params, masks, trimmed, sketches)
 
     def chunk_terms(r0: int, r1: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(base chunk, u [N, k] masked task vectors, a [N, k] agreement mask)."""

@@ -1,5 +1,9 @@
 """What ``mergekit-sdxl inspect`` shows: per-file reports of files and folders, as a table.
 
+LoRA / LyCORIS files are recognised (:func:`~mergekit_sdxl.sdxl.lora_detect.detect_lora`): their
+row gives the family they were trained for, and the details their network type, rank, the
+components they touch and why a merge would refuse them.
+
 Header only by default (names, shapes, dtypes, metadata), plus each file's sha256 and AutoV2
 from the hash cache; ``scan`` reads every tensor once to count NaN/inf. Everything taken from a
 file is shown through :func:`~mergekit_sdxl.text.printable`.
@@ -13,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+from mergekit_sdxl.sdxl.families import MERGEABLE_FAMILIES, family_label
 from mergekit_sdxl.text import printable
 from mergekit_sdxl.workflow.preflight import FileReport, inspect_file
 
@@ -119,6 +124,15 @@ def format_table(reports: Sequence[FileReport], *, show_scan: bool = False, base
             continue
         d = rep.detection
         assert d is not None
+        if rep.lora is not None:  # a LoRA: its base family; key counts against SDXL say nothing
+            row = [
+                name, f"{rep.lora.family} LoRA", "-", d.dtype, _size(rep.size), "-", "-", "-",
+                rep.autov2 or "-", rep.sha256 or "-",
+            ]
+            if show_scan:
+                row.insert(8, _nonfinite(rep))
+            rows.append([printable(c) for c in row])
+            continue
         fam = d.family + (" (scaled)" if d.scaled else "")
         row = [
             name, fam, _pred(rep), d.dtype, _size(rep.size), str(len(d.missing)), str(len(d.extra)),
@@ -147,6 +161,11 @@ def format_table(reports: Sequence[FileReport], *, show_scan: bool = False, base
         if not rep.ok or rep.detection is None:
             continue
         d = rep.detection
+        if rep.lora is not None:
+            lines.append("")
+            lines.append(f"{rep.path}:")
+            lines.extend(f"  {x}" for x in _lora_details(rep))
+            continue
         details: List[str] = list(d.notes)
         if d.missing:
             details.append(f"missing: {', '.join(d.missing[:5])}" + (f" (+{len(d.missing) - 5})" if len(d.missing) > 5 else ""))
@@ -174,6 +193,23 @@ def format_table(reports: Sequence[FileReport], *, show_scan: bool = False, base
     # Everything above may carry text from the files (names, keys, metadata, recipes): no line
     # reaches the terminal with a control character, bidi override or lone surrogate in it.
     return "\n".join(printable(line) for line in lines)
+
+
+def _lora_details(rep: FileReport) -> List[str]:
+    """What a LoRA file is: network, rank, components touched, base family and problems."""
+    lora = rep.lora
+    assert lora is not None
+    out = [f"LoRA: {lora.describe()}"]
+    if lora.family not in MERGEABLE_FAMILIES and lora.family != "unknown":
+        out.append(f"a {family_label(lora.family)} LoRA: it cannot be merged with an SDXL base")
+    if lora.unmapped:
+        shown = ", ".join(sorted(lora.unmapped)[:3])
+        out.append(f"{len(lora.unmapped)} modules map to no SDXL key (e.g. {shown}): refused by merges")
+    out.extend(f"problem: {p}" for p in lora.problems[:3])
+    if rep.scan is not None and rep.scan.total:
+        out.append(rep.scan.describe(limit=4))
+    out.extend(lora.notes)
+    return out
 
 
 def _json_excerpt(value: Any, limit: int = 300) -> str:

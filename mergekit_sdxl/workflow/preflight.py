@@ -27,6 +27,7 @@ from mergekit_sdxl.sdxl.detect import Detection, detect
 from mergekit_sdxl.sdxl.families import FAMILY_LABELS, MERGEABLE_FAMILIES, family_label
 from mergekit_sdxl.sdxl.header import CheckpointError, SafetensorsHeader, read_header
 from mergekit_sdxl.sdxl.keys import canonical_name
+from mergekit_sdxl.sdxl.lora_detect import LoraDetection, detect_lora, is_lora_header
 from mergekit_sdxl.sdxl.manifest import COMPONENT_PREFIXES, component_of
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ class FileReport:
     scan: Optional[ScanResult] = None
     error: Optional[str] = None
     header: Optional[SafetensorsHeader] = field(default=None, repr=False)
+    lora: Optional[LoraDetection] = None  # set for a LoRA / LyCORIS file (not a checkpoint)
 
     @property
     def ok(self) -> bool:
@@ -154,6 +156,8 @@ class FileReport:
             return d
         assert self.detection is not None
         d.update(self.detection.to_dict())
+        if self.lora is not None:
+            d["lora"] = self.lora.to_dict()
         d["n_missing"] = len(self.detection.missing)
         d["n_extra"] = len(self.detection.extra)
         d["n_wrong_shape"] = len(self.detection.wrong_shape)
@@ -183,6 +187,8 @@ def inspect_file(path: PathLike, *, hash: bool = True, scan: bool = False, cache
         rep.size = os.path.getsize(p)
         rep.header = read_header(p)  # raises only CheckpointError
         rep.detection = detect(rep.header)
+        if is_lora_header(rep.header):
+            rep.lora = detect_lora(rep.header)
         if hash:
             from mergekit_sdxl.io.hashing import HashCache, autov2
 

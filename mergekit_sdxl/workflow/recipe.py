@@ -52,6 +52,7 @@ __all__ = [
     "build_recipe",
     "render_recipe_yaml",
     "config_inputs",
+    "config_loras",
     "config_input_infos",
 ]
 
@@ -66,6 +67,7 @@ class Method(str, Enum):
     ties_soup = "ties_soup"
     linear = "linear"
     geometric_median = "geometric_median"
+    task_arithmetic = "task_arithmetic"
 
 
 # Reference parameters per method (top-level ``parameters:``; per-model parameters placed here apply
@@ -95,6 +97,8 @@ METHOD_PARAMETERS: Dict[str, Dict[str, Any]] = {
     },
     "linear": {"weight": 1.0, "normalize": True},
     "geometric_median": {"eps": 1e-6, "maxiter": 100, "ftol": 1e-20},
+    # mergekit's own: base + the sum of weight * task vector (the LoRA bake-in; weight = strength)
+    "task_arithmetic": {"weight": 1.0, "normalize": False, "lambda": 1.0},
 }
 
 _METHOD_NOTES: Dict[str, str] = {
@@ -102,6 +106,7 @@ _METHOD_NOTES: Dict[str, str] = {
     "ties_soup": "TIES-SOUP: TIES identity vote, disjoint mean of task vectors, no drop",
     "linear": "plain average; mergekit adds base_model to the averaged inputs",
     "geometric_median": "geometric median of the models; mergekit adds base_model to the inputs",
+    "task_arithmetic": "base + the sum of each input's task vector times its weight (a LoRA's weight is its strength)",
 }
 
 
@@ -568,8 +573,9 @@ def _exclusion_reason(
 def config_inputs(config: Any) -> List[Tuple[str, str]]:
     """``(path, role)`` of every input a mergekit config references, in a stable order: the base
     first (``"base"``), then ``models:`` / slices / modules in the order written (``"model"``),
-    each path once. Duck-typed on ``MergeConfiguration`` (``base_model``, ``models``, ``slices``,
-    ``modules``), so it works before or after mergekit normalises the config.
+    each LoRA file right after the model it is applied to (``"lora"``), each path once.
+    Duck-typed on ``MergeConfiguration`` (``base_model``, ``models``, ``slices``, ``modules``), so
+    it works before or after mergekit normalises the config.
 
     Use it for provenance instead of ``MergeConfiguration.referenced_models()`` (a set: its order
     changes from run to run, and so would the metadata and the output's sha256).
@@ -582,6 +588,9 @@ def config_inputs(config: Any) -> List[Tuple[str, str]]:
         path = ref.model.path if hasattr(ref, "model") else str(ref)
         if all(p != path for p, _ in out):
             out.append((path, role))
+        lora = getattr(ref, "lora", None)
+        if lora is not None and all(p != lora.path for p, _ in out):
+            out.append((lora.path, "lora"))
 
     add(getattr(config, "base_model", None), "base")
     for m in getattr(config, "models", None) or []:
@@ -597,6 +606,25 @@ def config_inputs(config: Any) -> List[Tuple[str, str]]:
             add(getattr(s, "base_model", None), "base")
             for src in s.sources:
                 add(src.model, "model")
+    return out
+
+
+def config_loras(config: Any) -> List[Tuple[str, str]]:
+    """``(model path, LoRA path)`` of every model reference of a config that carries a LoRA, in
+    :func:`config_inputs` order, each pair once."""
+    out: List[Tuple[str, str]] = []
+    refs: List[Any] = [getattr(config, "base_model", None)]
+    refs += [m.model for m in getattr(config, "models", None) or []]
+    for s in getattr(config, "slices", None) or []:
+        refs += [getattr(s, "base_model", None)] + [src.model for src in s.sources]
+    for mod in (getattr(config, "modules", None) or {}).values():
+        refs += [m.model for m in mod.models or []]
+        for s in mod.slices or []:
+            refs += [getattr(s, "base_model", None)] + [src.model for src in s.sources]
+    for ref in refs:
+        lora = getattr(ref, "lora", None) if ref is not None else None
+        if lora is not None and (ref.model.path, lora.path) not in out:
+            out.append((ref.model.path, lora.path))
     return out
 
 

@@ -1,0 +1,122 @@
+"""What each merge method means, by version: the one table every output and written config cites.
+
+A method's version changes whenever a change to this plugin alters the output bytes of the same
+config on the same inputs (a new default, another mask rule, another order of operations). A
+config pins versions with ``sdxl: {method_version: {tgmd: 1}}``; a version this installation does
+not implement is refused with a message naming it (docs/methods.md, "Method versions").
+
+Methods this plugin runs itself (its own, and mergekit's built-ins it merges within the memory
+budget with its own chunking and counter-based masks) have integer versions here. Any other
+mergekit method is mergekit's own code: its version is ``"mergekit <version>"`` of the installed
+mergekit, and a pin to another mergekit version is refused.
+
+Nothing of the package is imported here (like ``version.py``), so every layer may use it.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Dict, Iterable, Mapping, Optional, Tuple, Union
+
+__all__ = [
+    "METHOD_VERSIONS",
+    "IMPLEMENTED_VERSIONS",
+    "MethodVersion",
+    "installed_mergekit_version",
+    "method_version",
+    "method_versions",
+    "format_method_versions",
+    "check_method_versions",
+]
+
+MethodVersion = Union[int, str]
+
+METHOD_VERSIONS: Mapping[str, int] = MappingProxyType(
+    {
+        # This plugin's methods (docs/methods.md).
+        "tgmd": 1,
+        "ties_soup": 1,
+        "dgmla": 1,
+        "geometric_median": 1,
+        # mergekit's built-ins as mergekit-sdxl merge runs them within the budget (issue 12):
+        # mergekit's math on chunks, this plugin's counter-based masks for the random ones.
+        "linear": 1,
+        "task_arithmetic": 1,
+        "ties": 1,
+        "dare_ties": 1,
+        "dare_linear": 1,
+        "breadcrumbs": 1,
+        "breadcrumbs_ties": 1,
+        "della": 1,
+        "della_linear": 1,
+        "model_stock": 1,
+        "sce": 1,
+        "nearswap": 1,
+    }
+)
+"""The current version of each method whose bytes this plugin defines."""
+
+IMPLEMENTED_VERSIONS: Mapping[str, Tuple[int, ...]] = MappingProxyType({name: (v,) for name, v in METHOD_VERSIONS.items()})
+"""The versions this installation can still run (an older one stays here only while it is reproducible)."""
+
+_MERGEKIT_PREFIX = "mergekit "
+
+
+def installed_mergekit_version() -> str:
+    """The installed mergekit's version (package metadata; mergekit itself is not imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mergekit")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def method_version(name: str, mergekit_version: Optional[str] = None) -> MethodVersion:
+    """``name``'s current version: an int from :data:`METHOD_VERSIONS`, else ``"mergekit X"``."""
+    if name in METHOD_VERSIONS:
+        return METHOD_VERSIONS[name]
+    return _MERGEKIT_PREFIX + (mergekit_version or installed_mergekit_version())
+
+
+def method_versions(names: Iterable[str], mergekit_version: Optional[str] = None) -> Dict[str, MethodVersion]:
+    """``{name: version}`` for each distinct method of ``names``, in order."""
+    return {name: method_version(name, mergekit_version) for name in dict.fromkeys(names)}
+
+
+def _yaml_value(value: MethodVersion) -> str:
+    return str(value) if isinstance(value, int) else '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def format_method_versions(versions: Mapping[str, MethodVersion]) -> str:
+    """YAML flow mapping, e.g. ``{tgmd: 1}``: what configs write after ``method_version:``."""
+    return "{" + ", ".join(f"{name}: {_yaml_value(v)}" for name, v in versions.items()) + "}"
+
+
+def check_method_versions(pins: Mapping[str, MethodVersion], mergekit_version: Optional[str] = None) -> None:
+    """Refuse (ValueError, one line) any pinned version this installation does not implement."""
+    for name, wanted in pins.items():
+        if isinstance(wanted, bool) or not isinstance(wanted, (int, str)):
+            raise ValueError(f"{name}: a method version is an integer (or \"mergekit X\"), got {wanted!r}")
+        if name in METHOD_VERSIONS:
+            if isinstance(wanted, str):
+                raise ValueError(
+                    f"{name}: this plugin versions it itself: write {name}: {METHOD_VERSIONS[name]} (got {wanted!r})"
+                )
+            if wanted not in IMPLEMENTED_VERSIONS[name]:
+                have = ", ".join(str(v) for v in IMPLEMENTED_VERSIONS[name])
+                newer = "a newer" if wanted > METHOD_VERSIONS[name] else "an older"
+                raise ValueError(
+                    f"{name}: version {wanted} is not implemented by this mergekit-sdxl (it runs version {have}); "
+                    f"the config was written for {newer} one: install the mergekit-sdxl that wrote it"
+                )
+            continue
+        if isinstance(wanted, int):
+            known = ", ".join(sorted(METHOD_VERSIONS))
+            raise ValueError(
+                f"{name}: not a method this plugin versions ({known}); "
+                f"a method of mergekit itself is pinned as \"mergekit <version>\""
+            )
+        installed = mergekit_version or installed_mergekit_version()
+        if wanted != _MERGEKIT_PREFIX + installed:
+            raise ValueError(f"{name}: pinned to {wanted!r}, but mergekit {installed} is installed (its code decides this method)")
