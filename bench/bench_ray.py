@@ -8,7 +8,8 @@ prehashed so no run pays for hashing. Every output has the same file name (it is
 metadata), in a folder of its own, so equal sha256 means equal bytes.
 
 Columns
-    mode       single (no Ray) or ray K (a local cluster of K worker processes, started by the run)
+    mode       single (no Ray; torch's default threads, or 1 thread as each Ray worker uses) or
+               ray K (a local cluster of K worker processes, started by the run)
     wall s     wall time of the child: interpreter start, preflight, plan, Ray start-up, merge, write
     merge s    the child's own ``wrote ... (X s)``: ``run_sdxl_merge`` from start to the published file
     peak MB    the driver's peak RSS (``time -v``; the Ray workers are not its children's children
@@ -36,7 +37,10 @@ import bench_merge  # noqa: E402 - the inputs, configs and child runner of the m
 
 
 def run_modes(args: argparse.Namespace, config: Path, runs: Path, env: Dict[str, str]) -> List[Dict]:
-    modes = [("single", [])] + [(f"ray {k}", ["--ray-address", "local", "--ray-workers", str(k)]) for k in args.workers]
+    # One thread: what each Ray worker computes with (a worker reserves one CPU per --threads).
+    modes = [("single", []), ("single 1 thread", ["--threads", "1"])] + [
+        (f"ray {k}", ["--ray-address", "local", "--ray-workers", str(k)]) for k in args.workers
+    ]
     rows = []
     for label, extra in modes:
         folder = runs / label.replace(" ", "-")

@@ -240,9 +240,14 @@ def _abstain(_start: int, _stop: int) -> Optional[torch.Tensor]:
 def abstain_untouched(
     readers: Mapping[Any, Optional[Callable[[int, int], Optional[torch.Tensor]]]], base: Any, name: str
 ) -> Dict[Any, Optional[Callable[[int, int], Optional[torch.Tensor]]]]:
-    """Readers for a task-vector method: LoRA models that do not change ``name`` abstain (zero
-    task vector, no vote, nothing read); when no input but the base has anything for the key,
-    they are left out altogether and the key is the base (the same values, without N zeros)."""
+    """Readers of a key for a task-vector method (tgmd, ties_soup, dgmla).
+
+    A LoRA model that does not change ``name`` has a zero task vector, exactly as if the LoRA had
+    been baked into a checkpoint first: its reader returns None (the kernels' absent rows: zero,
+    no vote in the sign election, a point at the origin of the median), and nothing of it is read
+    or computed. When no input but the base changes the key, those models are left out and the
+    key is the base itself (what N zero task vectors give, without the N x N work).
+    """
     untouched = set()
     for model, reader in readers.items():
         if reader is None or model == base:
@@ -255,4 +260,3 @@ def abstain_untouched(
     others = [m for m, r in readers.items() if r is not None and m != base and m not in untouched]
     fill = _abstain if others else None
     return {m: (fill if m in untouched else r) for m, r in readers.items()}
-

@@ -120,7 +120,7 @@ class LoraFile:
         if det.family == "unknown":
             return  # nothing says otherwise: the key mapping and shapes decide
         raise self.error(
-            f"a {family_label(det.family)} LoRA ({det.family_source}); only SDXL LoRAs can be merged with an SDXL base"
+            f"a LoRA for {family_label(det.family)} (from {det.family_source}); only SDXL LoRAs can be merged with an SDXL base"
         )
 
     def check_layout(self) -> None:

@@ -58,7 +58,7 @@ def _rows_of_kron(w1: torch.Tensor, w2: torch.Tensor, r0: int, r1: int) -> torch
     """Rows r0:r1 of ``kron(w1, w2)`` (2-D), computing only the w1 rows they come from."""
     c = w2.shape[0]
     lo, hi = r0 // c, (r1 - 1) // c + 1
-    block = torch.kron(w1[lo:hi], w2)
+    block = torch.kron(w1[lo:hi].contiguous(), w2.contiguous())  # kron needs contiguous inputs
     return block[r0 - lo * c : r1 - lo * c]
 
 

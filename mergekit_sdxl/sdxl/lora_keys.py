@@ -159,6 +159,8 @@ def diffusers_unet_path(sgm_path: str) -> Optional[str]:
     (``input_blocks.4.1.proj_in`` -> ``down_blocks.1.attentions.0.proj_in``), None if it has none."""
     if sgm_path in _UNET_TOP:
         return _UNET_TOP[sgm_path]
+    if sgm_path.startswith("middle_block."):
+        return _diffusers_middle(sgm_path)
     parts = sgm_path.split(".")
     if len(parts) < 3 or not parts[1].isdigit() or not parts[2].isdigit():
         return None
@@ -261,7 +263,7 @@ def module_targets() -> Mapping[str, LoraTarget]:
     table: Dict[str, LoraTarget] = {}
     for path, target in _weight_modules(_UNET).items():
         _add(table, _kohya("lora_unet", path), target)  # kohya over the sgm UNet (SDXL)
-        diffusers = diffusers_unet_path(path) or _diffusers_middle(path)
+        diffusers = diffusers_unet_path(path)
         if diffusers is not None:
             _add(table, _kohya("lora_unet", diffusers), target)  # kohya over the diffusers UNet
             _add(table, "unet." + diffusers, target)  # diffusers / PEFT

@@ -18,6 +18,7 @@ __all__ = [
     "META_MERGEKIT_VERSION",
     "META_INPUTS",
     "META_METHOD",
+    "META_METHOD_VERSION",
     "META_SEED",
     "META_DTYPE",
     "META_OUT_DTYPE",
@@ -36,6 +37,8 @@ META_VERSION = "mergekit_sdxl.version"
 META_MERGEKIT_VERSION = "mergekit.version"
 META_INPUTS = "mergekit_sdxl.inputs"
 META_METHOD = "mergekit_sdxl.method"
+# JSON {method: version} of every method the merge used (mergekit_sdxl/method_versions.py).
+META_METHOD_VERSION = "mergekit_sdxl.method_version"
 META_SEED = "mergekit_sdxl.seed"
 META_DTYPE = "mergekit_sdxl.dtype"
 META_OUT_DTYPE = "mergekit_sdxl.out_dtype"
@@ -74,7 +77,7 @@ def read_provenance(metadata: Mapping[str, str]) -> Optional[Dict[str, Any]]:
     """What a file's ``__metadata__`` says about how it was merged, or None.
 
     Ours (``mergekit_sdxl.recipe``) first: ``{"tool": "mergekit-sdxl", "version", "mergekit_version",
-    "method", "seed", "dtype", "out_dtype", "recipe" (YAML text), "inputs" (list of dicts),
+    "method", "method_version" ({method: version}, None in files written before it), "seed", "dtype", "out_dtype", "recipe" (YAML text), "inputs" (list of dicts),
     "modelspec" (dict)}``; else A1111/SuperMerger's ``sd_merge_recipe``: ``{"tool": "a1111",
     "recipe" (parsed JSON), "inputs": [{"name", "sha256", "legacy_hash"}]}``. Malformed JSON values
     are kept as their raw strings.
@@ -89,6 +92,7 @@ def read_provenance(metadata: Mapping[str, str]) -> Optional[Dict[str, Any]]:
             "version": metadata.get(META_VERSION),
             "mergekit_version": metadata.get(META_MERGEKIT_VERSION),
             "method": metadata.get(META_METHOD),
+            "method_version": _json(metadata.get(META_METHOD_VERSION)),
             "seed": metadata.get(META_SEED),
             "dtype": metadata.get(META_DTYPE),
             "out_dtype": metadata.get(META_OUT_DTYPE),

@@ -201,7 +201,7 @@ def _lora_details(rep: FileReport) -> List[str]:
     assert lora is not None
     out = [f"LoRA: {lora.describe()}"]
     if lora.family not in MERGEABLE_FAMILIES and lora.family != "unknown":
-        out.append(f"a {family_label(lora.family)} LoRA: it cannot be merged with an SDXL base")
+        out.append(f"a LoRA for {family_label(lora.family)}: it cannot be merged with an SDXL base")
     if lora.unmapped:
         shown = ", ".join(sorted(lora.unmapped)[:3])
         out.append(f"{len(lora.unmapped)} modules map to no SDXL key (e.g. {shown}): refused by merges")

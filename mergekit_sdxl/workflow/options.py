@@ -10,7 +10,9 @@ from __future__ import annotations
 import re
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
+
+from mergekit_sdxl.method_versions import check_method_versions
 
 _UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "M": 1024**2, "MB": 1024**2, "G": 1024**3, "GB": 1024**3, "T": 1024**4, "TB": 1024**4}
 _KIB = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
@@ -112,12 +114,23 @@ class SDXLOptions(BaseModel):
         default_factory=dict,
         description="Per-component merges (unet, clip_l, clip_g) that differ from the config's merge_method/parameters.",
     )
+    method_version: Dict[str, Union[StrictInt, StrictStr]] = Field(
+        default_factory=dict,
+        description="Pinned meaning of each method, e.g. {tgmd: 1} (mergekit_sdxl/method_versions.py); "
+        "a version this installation does not implement is refused.",
+    )
 
     @field_validator("memory_budget")
     @classmethod
     def _check_budget(cls, value):
         if value is not None:
             parse_bytes(value)
+        return value
+
+    @field_validator("method_version")
+    @classmethod
+    def _check_method_version(cls, value):
+        check_method_versions(value)
         return value
 
     def methods_used(self, top_level: str) -> Tuple[str, ...]:

@@ -92,7 +92,7 @@ def test_lokr_rows_of_the_kronecker_product(w1_form, w2_form):
         f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"] = _r(3, 3, 3, 3, seed=5), _r(3, 6, seed=6), _r(3, 2, seed=7)
         w2 = torch.einsum("ijkl,ip,jr->prkl", f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"])
     # A1111 make_kron: w1 unsqueezed for a conv w2, torch.kron
-    expected = torch.kron(w1[:, :, None, None], w2) * 0.25
+    expected = torch.kron(w1[:, :, None, None].contiguous(), w2.contiguous()) * 0.25
     got = _by_chunks("lokr", f, 0.25, 12, 8 * 9, 5).reshape(12, 8, 3, 3)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
