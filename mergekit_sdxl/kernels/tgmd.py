@@ -330,9 +330,8 @@ def merge_task_vectors(
         raise ValueError(f"{tensor_name}: {n} models but {len(model_keys)} keys and {len(params.drop_rate)} parameter sets")
     ctx = _Context(tensor_name, shape, compute_dtype, rows_per_chunk, device, reuse_bytes)
     out_dtype = out_dtype or compute_dtype
-    chosen = resolve_kernel(kernel, ctx.device, masks is not None)
-    if chosen == "fused" and params.uses_della():
-        chosen = "torch"  # the fused kernels draw uniform DROP masks only; DELLA's run here
+    # Explicit masks and DELLA's rank-dependent ones exist in the torch reference only.
+    chosen = resolve_kernel(kernel, ctx.device, masks is not None or params.uses_della())
     excluded: List[int] = []
     while True:
         active = [i for i in range(n) if i not in excluded]

@@ -15,7 +15,7 @@ import math
 import mmap
 import os
 import threading
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -57,13 +57,14 @@ def fused_available() -> bool:
     return _kernels() is not None
 
 
-def resolve_kernel(kernel: Optional[str], device: Optional[torch.device], masks_given: bool) -> str:
-    """``fused`` or ``torch`` for one tensor. ``kernel`` None reads ``MERGEKIT_SDXL_KERNEL`` (default auto)."""
+def resolve_kernel(kernel: Optional[str], device: Optional[torch.device], reference_only: bool) -> str:
+    """``fused`` or ``torch`` for one tensor. ``kernel`` None reads ``MERGEKIT_SDXL_KERNEL`` (default auto);
+    ``reference_only``: the merge uses what only the torch reference implements (explicit or DELLA masks)."""
     choice = (kernel or os.environ.get(KERNEL_ENV) or "auto").strip().lower()
     if choice not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {choice!r} (from {KERNEL_ENV} or the kernel argument)")
     on_cpu = device is None or device.type == "cpu"
-    if choice == "torch" or masks_given or not on_cpu:
+    if choice == "torch" or reference_only or not on_cpu:
         return "torch"
     if choice == "fused" and not fused_available():
         raise ValueError("kernel 'fused' needs numba, which cannot be imported here (pip install numba)")
@@ -314,7 +315,3 @@ def tgmd_fused_once(
         out.put(chunk.start, _combine(chunk, coeffs, plan, ctx.dtype))
     return out.result()
 
-
-def shape_supported(shape: Tuple[int, ...]) -> bool:
-    """Whether the fused path takes this tensor (any shape with at least one element)."""
-    return math.prod(shape) > 0

@@ -68,7 +68,10 @@ def test_binding_validates_with_mergekit_and_keeps_model_order():
 
     tgmd = next(m for m in build_methods() if m.spec.name == "tgmd")
     shared = {p.name: p.default for p in tgmd.spec.shared_parameters}
-    values = {"b": {"drop_rate": 0.2, "density": 1.0, "weight": 2.0}, "a": {"drop_rate": 0.1, "density": 0.5, "weight": 1.0}}
+    values = {
+        "b": {"drop_rate": 0.2, "density": 1.0, "weight": 2.0, "epsilon": 0.0},
+        "a": {"drop_rate": 0.1, "density": 0.5, "weight": 1.0, "epsilon": 0.0},
+    }
     bound = bind_parameters(tgmd.spec, shared, lambda m, name: values[m][name], ["a", "b"])
     assert bound.per_model["drop_rate"] == (0.1, 0.2)
     assert bound.per_model["weight"] == (1.0, 2.0)
