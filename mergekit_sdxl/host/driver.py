@@ -18,9 +18,10 @@ import json
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 from mergekit_sdxl.errors import OutputError, UsageError, UserError
 from mergekit_sdxl.host.checkpoint import is_checkpoint_file
@@ -192,22 +193,26 @@ def run_sdxl_merge(
     register_all()
     cache = HashCache()
     label = source or "(given as text)"
-    loaded, roles, validated = _checked_inputs(config_text, out_path, overrides, source, label, allow_base_in_models)
+    with _phase("validate"):
+        loaded, roles, validated = _checked_inputs(config_text, out_path, overrides, source, label, allow_base_in_models)
     with OutputLock(out_path):
-        report = _preflight(loaded, roles, preflight_scan)
+        with _phase("preflight"):
+            report = _preflight(loaded, roles, preflight_scan)
         # Each input's identity before any of it is hashed: the fingerprint, and the check that
         # nothing changed while the merge (and the hashing) read it.
         stats = {path: _stat(path) for path, _ in roles}
         with BackgroundHasher(cache, [p for p, _ in roles]) as hasher:
             contents = _ContentIds(roles, validated, hasher, cache)
-            check_contents(validated, source=label, sha256_of=contents, verify_pins=verify_pins)
+            with _phase("check-contents"):
+                check_contents(validated, source=label, sha256_of=contents, verify_pins=verify_pins)
             budget = loaded.sdxl.memory_budget_bytes
             if ray is not None:  # the budget of each Ray worker
                 budget = worker_budget(loaded.sdxl, ray, options.num_threads or 1)
             # Lanes run keys in threads: the process-wide torch thread count must stay as set.
             plan = MemoryPlan(budget_bytes=budget, adjust_threads=not lanes)
             checkpoints = [p for p, role in roles if role != "lora"]
-            planned = plan_merge(loaded.config, options, SDXLRules(options=loaded.sdxl, plan=plan), checkpoints)
+            with _phase("plan"):
+                planned = plan_merge(loaded.config, options, SDXLRules(options=loaded.sdxl, plan=plan), checkpoints)
             provenance = _Provenance(loaded, roles, report, out_path, keep_paths, hasher, contents.possible_copies)
             writer = StreamingCheckpointWriter.open_or_resume(
                 out_path,
@@ -220,22 +225,24 @@ def run_sdxl_merge(
             _check_free_space(writer)
             start, worker_bytes = bytes_read(), 0
             with writer:
-                if ray is None:
-                    stream_merge(
-                        writer, planned.targets, device=options.device or "cpu", quiet=options.quiet, devices=lanes
+                with _phase("merge"):
+                    if ray is None:
+                        stream_merge(
+                            writer, planned.targets, device=options.device or "cpu", quiet=options.quiet, devices=lanes
+                        )
+                    else:
+                        run = ray_stream_merge(writer, planned.targets, options=options, settings=ray, budget=budget)
+                        worker_bytes = run.bytes_read
+                with _phase("finish"):
+                    infos = provenance.final_infos()
+                    _check_unchanged(stats)
+                    metadata = provenance.metadata(infos)
+                    result = writer.close(
+                        before_publish=lambda r: write_sidecars(
+                            out_path, metadata, r.sha256, r.autov2, infos, command=command, config_name=config_name, size=r.size
+                        ),
+                        final_metadata=metadata,
                     )
-                else:
-                    run = ray_stream_merge(writer, planned.targets, options=options, settings=ray, budget=budget)
-                    worker_bytes = run.bytes_read
-                infos = provenance.final_infos()
-                _check_unchanged(stats)
-                metadata = provenance.metadata(infos)
-                result = writer.close(
-                    before_publish=lambda r: write_sidecars(
-                        out_path, metadata, r.sha256, r.autov2, infos, command=command, config_name=config_name, size=r.size
-                    ),
-                    final_metadata=metadata,
-                )
     cache.record(out_path, result.sha256)
     return MergeResult(
         write=result,
@@ -243,6 +250,16 @@ def run_sdxl_merge(
         bytes_read=bytes_read() - start + worker_bytes,
         seconds=time.monotonic() - started,
     )
+
+
+@contextmanager
+def _phase(name: str) -> Iterator[None]:
+    """Log how long a phase of the merge took (``phase NAME: SECONDS s``, read by bench/bench_merge.py)."""
+    begun = time.monotonic()
+    try:
+        yield
+    finally:
+        LOG.info("phase %s: %.2f s", name, time.monotonic() - begun)
 
 
 def _all_gpus() -> List[str]:

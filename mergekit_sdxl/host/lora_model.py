@@ -184,6 +184,12 @@ class LoraModelLoader(LazyTensorLoader):
     def _base_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         return self._rows.get((key, start, stop), lambda: self.base.get_rows(key, start, stop))
 
+    def _base_tensor(self, key: str) -> torch.Tensor:
+        tensor = self.base.get_tensor(key)
+        if tensor is None:
+            raise KeyError(key)
+        return tensor
+
     def _resolve(self, key: str, aliases: Optional[List[str]]) -> Optional[str]:
         if key in self.index.tensor_paths:
             return key
@@ -205,7 +211,7 @@ class LoraModelLoader(LazyTensorLoader):
             return position_ids().to(device)
         shape = tuple(self.index.shapes[found])
         if not self.touches(found):
-            return self._rows.get((found, -1, -1), lambda: self.base.get_tensor(found)).to(device)  # type: ignore[union-attr]
+            return self._rows.get((found, -1, -1), lambda: self._base_tensor(found)).to(device)
         rows = shape[0] if shape else 1
         return self.get_rows(found, 0, rows).reshape(shape).to(device)
 

@@ -160,7 +160,9 @@ class MergeKeyTask(Task[Optional[torch.Tensor]]):
         numel = 1
         for dim in self.shape:
             numel *= dim
-        with self.plan.threads_for(numel):
+        # Our methods' cost grows with N (the Gram is N^2 per element): threads pay off sooner.
+        work = numel * len(readers) if isinstance(method, ChunkedMergeMethod) else numel
+        with self.plan.threads_for(work):
             if isinstance(method, ChunkedMergeMethod):
                 return self._merge_readers(method, readers, compute, out_dtype)
             return self._builtin(method, readers, out_dtype)

@@ -5,10 +5,12 @@ that merge each key; nothing about memory lives in module globals. The working-s
 the only place that says how much memory a key costs:
 
 - this plugin's methods (``stored_itemsize`` given) compute in row chunks whatever the source:
-  a key is read whole, once, when its N inputs in their stored dtype take at most half the
+  a key is read whole, once, when its N inputs in their stored dtype take at most 3/8 of the
   budget (``numel * stored_itemsize * N``); otherwise row chunks are read straight from the
-  files, and up to half the budget of the chunks read by the first pass is kept for the second
-  (``reuse_bytes``), so only the rest is read twice;
+  files, and up to 3/8 of the budget of the chunks read by the first pass is kept for the second
+  (``reuse_bytes``), so only the rest is read twice. 3/8, not 1/2: the chunk's working set
+  (1/4) and the kernel's reused scratch buffers come on top, and the process itself (torch,
+  mergekit, numba) takes ~0.45 GB that no budget can shrink;
 - mergekit's own methods merged whole upcast their N inputs and make about three more copies
   (masks, signs, the running result): ``numel * itemsize * (N + 3)`` must be at most half the
   budget;
@@ -87,13 +89,18 @@ class MemoryPlan:
         if self.budget_bytes is None:
             return True
         if stored_itemsize is not None:
-            return _numel(shape) * stored_itemsize * n_inputs <= self.budget_bytes // 2
+            return _numel(shape) * stored_itemsize * n_inputs <= self._kept_bytes
         return self.whole_tensor_bytes(shape, n_inputs, compute_dtype) <= self.budget_bytes // 2
 
     @property
     def reuse_bytes(self) -> int:
         """Bytes of first-pass chunks a key read from the files may keep for its second pass."""
-        return 0 if self.budget_bytes is None else self.budget_bytes // 2
+        return 0 if self.budget_bytes is None else self._kept_bytes
+
+    @property
+    def _kept_bytes(self) -> int:
+        # Stored inputs a key may hold across its two passes (see the module docstring).
+        return (self.budget_bytes or 0) * 3 // 8
 
     def rows_per_chunk(self, shape: Sequence[int], n_inputs: int, compute_dtype: torch.dtype) -> int:
         """Rows per chunk so that N inputs, about four compute-dtype copies each, fit a chunk."""

@@ -24,12 +24,15 @@ stack).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import stat
 import struct
 import sys
+import threading
+from collections import OrderedDict
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
 from mergekit_sdxl.errors import UserError
@@ -400,6 +403,14 @@ def read_header(path: PathLike) -> SafetensorsHeader:
     """
     path = os.fspath(path)
     raw, file_size = _read_prefix_and_header(path)
+    # The parse is a pure function of the header bytes and the file size, and a merge reads each
+    # input's header several times (preflight, planning, loading): parse each distinct header once.
+    key = (file_size, hashlib.blake2b(raw, digest_size=16).digest())
+    with _PARSED_LOCK:
+        cached = _PARSED.get(key)
+        if cached is not None:
+            _PARSED.move_to_end(key)
+            return cached
     n = len(raw)
     problem = _check_nesting(raw)
     if problem is not None:
@@ -438,4 +449,15 @@ def read_header(path: PathLike) -> SafetensorsHeader:
         tensors[name] = _tensor_info(path, name, info, data_size, shapes)
     del doc  # the parse tree: only the TensorInfo tuples stay
     _check_layout(path, tensors, data_size)
-    return SafetensorsHeader(tensors, metadata, n, file_size)
+    parsed = SafetensorsHeader(tensors, metadata, n, file_size)
+    with _PARSED_LOCK:
+        _PARSED[key] = parsed
+        if len(_PARSED) > _PARSED_MAX:
+            _PARSED.popitem(last=False)
+    return parsed
+
+
+# Parsed headers by (file size, digest of the header bytes); callers never mutate a header.
+_PARSED: OrderedDict[Tuple[int, bytes], SafetensorsHeader] = OrderedDict()
+_PARSED_MAX = 256
+_PARSED_LOCK = threading.Lock()

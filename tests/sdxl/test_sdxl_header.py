@@ -389,3 +389,20 @@ def test_retained_header_is_compact(tmp_path):
         tracemalloc.stop()
     assert len(h.tensors) == 20_000
     assert kept < 4 * size, f"{kept} bytes kept for a {size}-byte header"
+
+
+def test_a_rewritten_file_is_parsed_again_not_served_from_the_cache(tmp_path):
+    """Parsed headers are reused by content: a file rewritten in place (new tensors, new metadata,
+    or corrupted) never gets the header it had before."""
+    path = tmp_path / "m.safetensors"
+    save_file({"a": torch.zeros(2, 3)}, str(path), metadata={"v": "1"})
+    first = read_header(path)
+    assert read_header(path) is first  # the same bytes: parsed once
+    save_file({"a": torch.zeros(2, 3)}, str(path), metadata={"v": "2"})
+    assert read_header(path).metadata == {"v": "2"}
+    save_file({"b": torch.zeros(4)}, str(path))
+    assert list(read_header(path).tensors) == ["b"]
+    raw = path.read_bytes()
+    path.write_bytes(raw[:8] + b"[" + raw[9:])  # same size, corrupt JSON
+    with pytest.raises(CheckpointError, match="corrupt header"):
+        read_header(path)
