@@ -16,7 +16,7 @@ Nothing of the package is imported here (like ``version.py``), so every layer ma
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import Dict, Iterable, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 __all__ = [
     "METHOD_VERSIONS",
@@ -25,6 +25,7 @@ __all__ = [
     "installed_mergekit_version",
     "method_version",
     "method_versions",
+    "config_methods",
     "format_method_versions",
     "check_method_versions",
 ]
@@ -82,6 +83,24 @@ def method_version(name: str, mergekit_version: Optional[str] = None) -> MethodV
 def method_versions(names: Iterable[str], mergekit_version: Optional[str] = None) -> Dict[str, MethodVersion]:
     """``{name: version}`` for each distinct method of ``names``, in order."""
     return {name: method_version(name, mergekit_version) for name in dict.fromkeys(names)}
+
+
+def config_methods(config: Mapping[str, Any]) -> Tuple[str, ...]:
+    """The merge methods of a parsed merge config: ``merge_method`` first, then the own method of
+    each merged ``sdxl.components`` entry (default: the top level's; ``source:`` copies use none),
+    each once. Malformed sections give what can be read (the config's validation reports them)."""
+    top = config.get("merge_method")
+    if not isinstance(top, str):
+        return ()
+    methods = [top]
+    sdxl = config.get("sdxl")
+    components = sdxl.get("components") if isinstance(sdxl, Mapping) else None
+    if isinstance(components, Mapping):
+        for component in components.values():
+            if isinstance(component, Mapping) and component.get("source") is None:
+                own = component.get("merge_method")
+                methods.append(own if isinstance(own, str) else top)
+    return tuple(dict.fromkeys(methods))
 
 
 def _yaml_value(value: MethodVersion) -> str:

@@ -11,6 +11,8 @@ Metadata written by :func:`build_metadata` (every value a string):
 ``mergekit_sdxl.version``          plugin version
 ``mergekit.version``               mergekit version
 ``mergekit_sdxl.method``           ``merge_method``
+``mergekit_sdxl.method_version``   JSON {method: version} of every method the config uses
+                                   (``mergekit_sdxl/method_versions.py``)
 ``mergekit_sdxl.seed``             seed ("" when the method takes none)
 ``mergekit_sdxl.dtype``            compute dtype; ``mergekit_sdxl.out_dtype`` output dtype
 ``mergekit_sdxl.inputs``           JSON list, config order: name, size, sha256, autov2 (+ role)
@@ -32,6 +34,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from mergekit_sdxl.method_versions import MethodVersion, config_methods, method_versions
+
 # The metadata vocabulary (key names, read_provenance) is a format fact of the sdxl layer;
 # re-exported here, where callers have always imported it from.
 from mergekit_sdxl.sdxl.merge_metadata import (
@@ -41,6 +45,7 @@ from mergekit_sdxl.sdxl.merge_metadata import (
     META_INPUTS,
     META_MERGEKIT_VERSION,
     META_METHOD,
+    META_METHOD_VERSION,
     META_OUT_DTYPE,
     META_RECIPE,
     META_SEED,
@@ -207,17 +212,24 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
-def _recipe_parameters(recipe_yaml: str) -> Dict[str, Any]:
+def _recipe_doc(recipe_yaml: str) -> Dict[str, Any]:
     try:
         import yaml
 
         doc = yaml.safe_load(recipe_yaml)
     except Exception:  # noqa: BLE001 - a recipe that is not YAML still gets recorded verbatim
         return {}
-    if not isinstance(doc, dict):
-        return {}
-    params = doc.get("parameters") or {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _recipe_parameters(recipe_yaml: str) -> Dict[str, Any]:
+    params = _recipe_doc(recipe_yaml).get("parameters") or {}
     return params if isinstance(params, dict) else {}
+
+
+def _method_versions(recipe_yaml: str, method: str, mergekit_version: str) -> Dict[str, MethodVersion]:
+    """The version of ``method`` and of every other method the recipe uses (per-component merges)."""
+    return method_versions((method, *config_methods(_recipe_doc(recipe_yaml))), mergekit_version)
 
 
 def _normalise_prediction(prediction_type: str) -> str:
@@ -277,6 +289,7 @@ def build_metadata(
         META_VERSION: str(plugin_version),
         META_MERGEKIT_VERSION: str(mergekit_version),
         META_METHOD: str(method),
+        META_METHOD_VERSION: _dumps(_method_versions(recipe_yaml, str(method), str(mergekit_version))),
         META_SEED: seed_s,
         META_DTYPE: str(dtype or ""),
         META_OUT_DTYPE: str(out_dtype or ""),

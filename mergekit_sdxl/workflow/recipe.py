@@ -10,7 +10,7 @@ reason what must not go into the merge, and renders a mergekit YAML config:
 * ``base_model:`` the same mapping form (never listed again under ``models:``; mergekit adds it to
   the inputs itself for base-less methods such as ``linear`` and ``geometric_median``);
 * the method's reference parameters (``tgmd``: the AstolfoMix-XL run), ``dtype: float64``,
-  ``out_dtype: float16``;
+  ``out_dtype: float16``, and ``sdxl: {method_version: {METHOD: N}}`` pinning the method's meaning;
 * a header comment listing every excluded file with its reason.
 
 Exclusion reasons (first that applies): unreadable/truncated; not an SDXL base-family checkpoint
@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mergekit_sdxl.errors import UserError
 from mergekit_sdxl.io.discover import Discovery, discover_safetensors
 from mergekit_sdxl.io.provenance import InputInfo, legacy_hash
+from mergekit_sdxl.method_versions import format_method_versions, method_versions
 from mergekit_sdxl.sdxl.families import MERGEABLE_FAMILIES, family_label
 from mergekit_sdxl.sdxl.header import CheckpointError
 from mergekit_sdxl.text import printable
@@ -64,6 +65,7 @@ _MERGEABLE = " or ".join(family_label(f) for f in MERGEABLE_FAMILIES)
 
 class Method(str, Enum):
     tgmd = "tgmd"
+    dgmla = "dgmla"
     ties_soup = "ties_soup"
     linear = "linear"
     geometric_median = "geometric_median"
@@ -86,6 +88,21 @@ METHOD_PARAMETERS: Dict[str, Dict[str, Any]] = {
         "lambda": 1.0,
         "seed": 240603,
     },
+    # AstolfoMix-XL's DGMLA run (x215a): DELLA drop p=0.1 with epsilon -0.1, otherwise TGMD's.
+    "dgmla": {
+        "drop_method": "della",
+        "drop_rate": 0.1,
+        "epsilon": -0.1,
+        "density": 1.0,
+        "rescale": 0.0,
+        "sign_election": "count",
+        "aggregate": "median",
+        "eps": 1e-6,
+        "maxiter": 100,
+        "ftol": 1e-20,
+        "lambda": 1.0,
+        "seed": 241011,
+    },
     "ties_soup": {
         "drop_rate": 0.0,
         "density": 1.0,
@@ -103,6 +120,8 @@ METHOD_PARAMETERS: Dict[str, Dict[str, Any]] = {
 
 _METHOD_NOTES: Dict[str, str] = {
     "tgmd": "TGMD (AstolfoMix-XL reference): DROP p=0.1, TIES identity vote, geometric median of task vectors",
+    "dgmla": "DGMLA (AstolfoMix-XL x215a): DELLA drop p=0.1, epsilon -0.1 (by magnitude rank), TIES identity vote, "
+    "geometric median of task vectors",
     "ties_soup": "TIES-SOUP: TIES identity vote, disjoint mean of task vectors, no drop",
     "linear": "plain average; mergekit adds base_model to the averaged inputs",
     "geometric_median": "geometric median of the models; mergekit adds base_model to the inputs",
@@ -281,8 +300,10 @@ def render_recipe_yaml(
         out.append(f"  {k}: {_yaml_scalar(v)}")
     out.append(f"dtype: {dtype}")
     out.append(f"out_dtype: {out_dtype}")
+    out.append("sdxl:")
+    # The meaning the config was written for: a later mergekit-sdxl that changed it refuses the pin.
+    out.append(f"  method_version: {format_method_versions(method_versions([method]))}")
     if allow_vpred_mix:
-        out.append("sdxl:")
         out.append("  allow_vpred_mix: true")
     return "\n".join(out) + "\n"
 

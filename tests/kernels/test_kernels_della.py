@@ -9,6 +9,7 @@ iff the counter-based draw is below that probability.
 from __future__ import annotations
 
 import math
+from typing import Any, Dict
 
 import numpy as np
 import pytest
@@ -107,8 +108,10 @@ def _merge(params: TGMDParams, rows: int, kernel=None) -> torch.Tensor:
     )
 
 
-def _dgmla(**kw) -> TGMDParams:
-    d = dict(drop_rate=[0.1] * 4, density=[1.0] * 4, weight=[1.0] * 4, drop_method="della", epsilon=[-0.1] * 4, seed=9)
+def _dgmla(**kw: Any) -> TGMDParams:
+    d: Dict[str, Any] = dict(
+        drop_rate=[0.1] * 4, density=[1.0] * 4, weight=[1.0] * 4, drop_method="della", epsilon=[-0.1] * 4, seed=9
+    )
     d.update(kw)
     return TGMDParams(**d)
 
@@ -177,3 +180,52 @@ def test_a_bad_model_is_left_out_the_same_way_in_one_chunk_or_many():
             )
         )
     assert seen == [1, 1] and torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("n", [2, 7, 1000, 123_457])
+def test_keep_probabilities_are_centred_on_one_minus_p_with_width_epsilon(n):
+    """sd-mecha's window: p_keep(rank) = 1 - p + eps (rank - (n+1)/2) / n, from 1 - p - eps (n-1)/(2n)
+    at the smallest |delta| to 1 - p + eps (n-1)/(2n) at the largest, mean exactly 1 - p (unclamped).
+    The window is eps wide, half of mergekit's della (density -/+ eps, tests/host/test_della_mergekit.py),
+    so an epsilon does not carry over between ``drop_method: della`` and mergekit's ``della``."""
+    p, eps = 0.3, 0.4
+    probs = keep_probability(torch.arange(1, n + 1), n, p, eps)
+    half = eps * (n - 1) / (2 * n)
+    assert float(probs[0]) == pytest.approx(1 - p - half, abs=1e-15)
+    assert float(probs[-1]) == pytest.approx(1 - p + half, abs=1e-15)
+    assert float(probs.mean()) == pytest.approx(1 - p, abs=1e-12)
+    steps = probs.diff()
+    assert torch.allclose(steps, torch.full_like(steps, eps / n), rtol=0, atol=1e-15)  # linear in the rank
+    # epsilon < 0 (DGMLA) reverses it: small task-vector entries are kept more often.
+    flipped = keep_probability(torch.arange(1, n + 1), n, p, -eps)
+    assert torch.allclose(flipped, probs.flip(0), rtol=0, atol=1e-15)
+    # Clamped into [0, 1] where the window leaves it (sd-mecha's clamp).
+    wide = keep_probability(torch.arange(1, n + 1), n, 0.9, 1.5)
+    assert float(wide.min()) >= 0.0 and float(wide.max()) <= 1.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_cuda_masks_are_the_cpu_masks():
+    """Ranks, draws and the sketch's exceptions are exact on any device: the same keep bits."""
+    delta = _tied(300_000, seed=8)
+    cpu = della_keep_exact(delta.abs(), 0.1, -0.1, seed=3, tensor_name="t", model_key="m")
+    gpu = delta.cuda().abs()
+    assert torch.equal(della_keep_exact(gpu, 0.1, -0.1, seed=3, tensor_name="t", model_key="m").cpu(), cpu)
+    sketch = della_sketch(gpu, 0.1, -0.1, seed=3, tensor_name="t", model_key="m")
+    parts = [della_keep(sketch, gpu[s : s + 77_777], s).cpu() for s in range(0, gpu.numel(), 77_777)]
+    assert torch.equal(torch.cat(parts), cpu)
+    # And a chunked DGMLA merge with the mean (no Gram matrix) gives the CPU's bytes.
+    params = _dgmla(aggregate="mean")
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(64, 48, generator=g, dtype=torch.float32)
+    models = [base + ((torch.randn(64, 48, generator=g) * 4).round() / 8) for _ in range(4)]
+    outs = []
+    for device in ("cpu", "cuda"):
+        b, ms = base.to(device), [m.to(device) for m in models]
+        outs.append(
+            merge_task_vectors(
+                "model.layers.0.w", b.shape, tensor_reader(b), [tensor_reader(m) for m in ms], ["a", "b", "c", "d"],
+                params, F64, 9, out_dtype=torch.float32,
+            ).cpu()
+        )
+    assert torch.equal(outs[0], outs[1])
