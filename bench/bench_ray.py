@@ -12,6 +12,9 @@ Columns
                ray K (a local cluster of K worker processes, started by the run)
     wall s     wall time of the child: interpreter start, preflight, plan, Ray start-up, merge, write
     merge s    the child's own ``wrote ... (X s)``: ``run_sdxl_merge`` from start to the published file
+    ray s      of those, the Ray part (``ray: connect ..., first result ..., merge ...``, logged by
+               host/ray_merge.py): cluster start (connect) / first finished job (the workers' own
+               start-up: each imports torch and mergekit) / all jobs written
     peak MB    the driver's peak RSS (``time -v``; the Ray workers are not its children's children
                under ``time``'s accounting, so their memory is not in it)
     x single   wall / wall of the single-process run
@@ -26,6 +29,7 @@ Usage
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -34,6 +38,24 @@ from typing import Dict, List
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_merge  # noqa: E402 - the inputs, configs and child runner of the merge benchmark
+
+RAY_LINE = re.compile(r"ray: connect ([0-9.]+) s, first result ([0-9.]+) s, merge ([0-9.]+) s")
+
+
+def merge(config: Path, out: Path, budget: str, env: Dict[str, str], extra: List[str]) -> Dict:
+    """One ``mergekit-sdxl -v merge ... -v`` (info logging: the Ray timings) in a child."""
+    bench_merge._clean_output(out)
+    argv = [bench_merge._mergekit_sdxl(), "-v", "merge", str(config), str(out), "--quiet", "-v"]
+    argv += ["--memory-budget", budget, *extra]
+    result = bench_merge.run_child(argv, env, out.with_suffix(".log"))
+    log = Path(result["log"]).read_text(encoding="utf-8")
+    merged = re.search(r"^wrote .*, ([0-9.]+) s\)$", log, re.M)
+    ray = RAY_LINE.search(log)
+    result.update(
+        merge_s=float(merged.group(1)) if merged else None,
+        ray_s=tuple(float(x) for x in ray.groups()) if ray else None,
+    )
+    return result
 
 
 def run_modes(args: argparse.Namespace, config: Path, runs: Path, env: Dict[str, str]) -> List[Dict]:
@@ -45,11 +67,8 @@ def run_modes(args: argparse.Namespace, config: Path, runs: Path, env: Dict[str,
     for label, extra in modes:
         folder = runs / label.replace(" ", "-")
         folder.mkdir(parents=True, exist_ok=True)
-        out = folder / "merged.safetensors"
-        result = bench_merge.merge(config, out, args.memory_budget, None, env, extra)
-        log = Path(result["log"]).read_text(encoding="utf-8")
-        merged = re.search(r"^wrote .*, ([0-9.]+) s\)$", log, re.M)
-        result.update(mode=label, merge_s=float(merged.group(1)) if merged else None)
+        result = merge(config, folder / "merged.safetensors", args.memory_budget, env, extra)
+        result.update(mode=label)
         rows.append(result)
         status = "ok" if result["rc"] == 0 else f"rc {result['rc']} (log {result['log']})"
         print(f"# {label}: {result['wall']:.1f} s, {status}", flush=True)
@@ -61,18 +80,20 @@ def print_rows(rows: List[Dict], args: argparse.Namespace, n_inputs_gb: float) -
     print()
     print(
         f"N = {args.n}, width {args.width_text}, {args.method}, --memory-budget {args.memory_budget} "
-        f"(per worker), {n_inputs_gb:.2f} GB of inputs"
+        f"(per worker), {n_inputs_gb:.2f} GB of inputs, {os.cpu_count()} cores"
     )
     print()
-    print("| mode | wall s | merge s | peak MB | x single | same bytes | load |")
-    print("|---|---|---|---|---|---|---|")
+    print("| mode | wall s | merge s | ray s: connect / first result / all | peak MB | x single | same bytes | load |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         same = "yes" if row["sha256"] and row["sha256"] == single["sha256"] else "NO"
         merge_s = f"{row['merge_s']:.1f}" if row["merge_s"] is not None else "-"
+        ray_s = " / ".join(f"{x:.1f}" for x in row["ray_s"]) if row["ray_s"] else "-"
         ratio = row["wall"] / single["wall"] if single["wall"] else 0.0
         load = f"{row['load'][0]:.1f} -> {row['load'][1]:.1f}"
         print(
-            f"| {row['mode']} | {row['wall']:.1f} | {merge_s} | {row['peak'] / 1e6:.0f} | {ratio:.2f} | {same} | {load} |"
+            f"| {row['mode']} | {row['wall']:.1f} | {merge_s} | {ray_s} | {row['peak'] / 1e6:.0f} | {ratio:.2f} "
+            f"| {same} | {load} |"
         )
 
 

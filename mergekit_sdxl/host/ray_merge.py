@@ -23,12 +23,13 @@ import logging
 import os
 import signal
 import threading
+import time
 import uuid
 from bisect import bisect_right
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
 from tqdm.auto import tqdm
@@ -36,11 +37,12 @@ from tqdm.auto import tqdm
 from mergekit_sdxl.errors import UsageError, UserError
 from mergekit_sdxl.host.checkpoint import SDXLCheckpointLoader
 from mergekit_sdxl.host.merge_planning import expected_read_bytes
-from mergekit_sdxl.host.mergekit_api import LoaderCache, MergeOptions
+from mergekit_sdxl.host.mergekit_api import LoaderCache, MergeOptions, mergekit_version
 from mergekit_sdxl.host.streaming import StreamingExecutor, bytes_read
 from mergekit_sdxl.host.tasks import OutputTensor
 from mergekit_sdxl.io.hashing import sample_digest
 from mergekit_sdxl.io.writer import StreamingCheckpointWriter, TensorEntrySpec
+from mergekit_sdxl.version import __version__
 from mergekit_sdxl.workflow.options import MIN_BUDGET, SDXLOptions, default_memory_budget
 
 LOG = logging.getLogger(__name__)
@@ -82,13 +84,18 @@ class RaySettings:
 @dataclass(frozen=True)
 class RayRunStats:
     """What a Ray merge did: jobs run, workers used, bytes the workers read (a rerun job counts
-    again) and the most output bytes submitted but not yet written (bounded by the window)."""
+    again), the most output bytes submitted but not yet written (bounded by the window), and its
+    seconds: to join or start the cluster, to the first finished job (the workers' start-up: each
+    imports torch and mergekit once), to the last entry written."""
 
     jobs: int
     workers: int
     bytes_read: int
     max_unwritten_bytes: int
     window_bytes: int
+    connect_seconds: float = 0.0
+    first_result_seconds: float = 0.0
+    seconds: float = 0.0
 
 
 def require_ray() -> ModuleType:
@@ -229,6 +236,7 @@ class _WorkerSetup:
     cwd: str  # relative input paths resolve against the driver's working directory
     threads: int
     inputs: Tuple[Tuple[str, str], ...]  # (absolute path, sample digest) as the driver sees them
+    versions: Tuple[Tuple[str, str], ...]  # (package, version) of the driver: the bytes depend on them
 
 
 _prepared: Optional[str] = None
@@ -249,11 +257,29 @@ def _prepare(setup: _WorkerSetup) -> None:
             if close is not None:
                 close()
         LoaderCache.loaders.clear()
+        _check_same_versions(setup.versions)
         for path, digest in setup.inputs:
             _check_same_file(path, digest)
         torch.set_num_threads(setup.threads)
         _prepared = setup.merge_id
     LoaderCache().setup(options=setup.options)
+
+
+def _versions() -> Tuple[Tuple[str, str], ...]:
+    return (("mergekit-sdxl", __version__), ("mergekit", mergekit_version()), ("torch", torch.__version__))
+
+
+def _check_same_versions(driver: Sequence[Tuple[str, str]]) -> None:
+    """A node with other versions of the packages could give other bytes: refused."""
+    import socket
+
+    mine = dict(_versions())
+    for package, version in driver:
+        if mine.get(package) != version:
+            raise RayMergeError(
+                f"Ray node {socket.gethostname()} has {package} {mine.get(package)}, the driver {version}; "
+                "install the same versions on every node"
+            )
 
 
 def _check_same_file(path: str, digest: str) -> None:
@@ -332,7 +358,9 @@ def ray_stream_merge(
     threads = max(1, options.num_threads or 1)
     device = str(options.device or "cpu")
     gpus = 1 if device.startswith("cuda") else 0
+    started = time.monotonic()
     with _connected(ray, settings, threads, quiet=options.quiet):
+        connected = time.monotonic() - started
         cluster = ray.cluster_resources()
         _check_fits(ray, budget, threads, gpus)
         available = max(1, int(cluster.get("CPU", 1)) // threads)
@@ -351,6 +379,7 @@ def ray_stream_merge(
             cwd=os.getcwd(),
             threads=threads,
             inputs=_input_digests(),
+            versions=_versions(),
         )
         task = ray.remote(_merge_job).options(
             num_cpus=threads, num_gpus=gpus, memory=budget, max_retries=settings.max_retries, retry_exceptions=False
@@ -360,12 +389,19 @@ def ray_stream_merge(
         total = sum(job.cost for job in jobs)
         with tqdm(total=total, unit="B", unit_scale=True, desc="merging (ray)", disable=options.quiet) as bar:
             run.execute(bar)
+        seconds = time.monotonic() - started
+    first = (run.first_result - started) if run.first_result is not None else seconds
+    # One line a benchmark reads (bench/bench_ray.py): where a small merge's time goes.
+    LOG.info("ray: connect %.2f s, first result %.2f s, merge %.2f s", connected, first, seconds)
     return RayRunStats(
         jobs=len(jobs),
         workers=workers,
         bytes_read=run.bytes_read,
         max_unwritten_bytes=run.max_unwritten,
         window_bytes=window,
+        connect_seconds=connected,
+        first_result_seconds=first,
+        seconds=seconds,
     )
 
 
@@ -388,6 +424,9 @@ def _connected(ray: ModuleType, settings: RaySettings, threads: int, *, quiet: b
         "log_to_driver": not quiet,
     }
     held = _handlers()
+    # What joining a cluster raises for a wrong address or token (AuthenticationError: recent Ray only).
+    auth = getattr(ray.exceptions, "AuthenticationError", None)
+    refused: Tuple[Type[BaseException], ...] = (ConnectionError, TimeoutError, ValueError) + ((auth,) if auth else ())
     try:
         if settings.local:
             ray.init(
@@ -398,7 +437,7 @@ def _connected(ray: ModuleType, settings: RaySettings, threads: int, *, quiet: b
             )
         else:
             ray.init(address=settings.address, **quiet_kwargs)
-    except (ConnectionError, TimeoutError, ValueError) as error:
+    except refused as error:
         hint = (
             ""
             if settings.local
@@ -512,6 +551,7 @@ class _Run:
         self._entered = 0  # jobs [0, entered) have been let into the window
         self.bytes_read = 0
         self.max_unwritten = 0
+        self.first_result: Optional[float] = None  # time.monotonic() of the first finished job
 
     def execute(self, bar: Any) -> None:
         head = 0
@@ -549,6 +589,8 @@ class _Run:
 
     def _wait(self) -> None:
         ready, _ = _ray_call(self._ray.wait, list(self._running), num_returns=1, fetch_local=False)
+        if ready and self.first_result is None:
+            self.first_result = time.monotonic()
         for ref in ready:
             self._running.pop(ref, None)
 

@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -148,6 +149,7 @@ def test_ray_merge_gives_the_single_process_bytes(configs, work, cluster, ray_ru
     assert stats.workers == 2
     assert 2 < stats.jobs < 2515  # small keys are batched, large ones are jobs of their own
     assert result.bytes_read == stats.bytes_read > 0  # every input byte was read by the workers
+    assert 0 <= stats.connect_seconds <= stats.first_result_seconds <= stats.seconds < result.seconds
 
 
 @pytest.mark.slow
@@ -238,45 +240,106 @@ def _children(pid: int) -> List[Any]:
         return []
 
 
-@pytest.mark.slow
-@needs_ray
-def test_a_worker_killed_mid_merge_is_replaced_and_the_bytes_are_the_same(configs, work):
-    """``mergekit-sdxl merge --ray-address local --ray-workers 2``; once the output is being
-    written, one worker is SIGKILLed while it merges (its title is ``ray::_merge_job`` only then)."""
+def _titles(pid: int) -> List[Tuple[Any, str]]:
+    """``(process, title)`` of the Ray processes under ``pid`` (workers: ``ray::IDLE`` or ``ray::TASK``)."""
     import psutil
 
-    expected = _reference(configs, work, "tgmd", SMALL_BUDGET)
-    out = work / "ray-killed" / OUT_NAME
-    out.parent.mkdir()
-    partial = Path(str(out) + ".partial")
-    args = [str(BIN / "mergekit-sdxl"), "merge", str(configs["tgmd"]), str(out), "--memory-budget", SMALL_BUDGET]
-    args += ["--ray-address", "local", "--ray-workers", "2", "--quiet"]
+    found = []
+    for child in _children(pid):
+        try:
+            title = child.cmdline()
+        except psutil.Error:
+            continue
+        if title and title[0].startswith("ray::"):
+            found.append((child, title[0].split()[0]))
+    return found
+
+
+def _start_cli(config: Path, out: Path, work: Path, budget: Optional[str]) -> subprocess.Popen:
+    """``mergekit-sdxl merge CONFIG OUT --ray-address local --ray-workers 2``, in a session of its own
+    (its Ray processes can be killed with it)."""
+    args = [str(BIN / "mergekit-sdxl"), "merge", str(config), str(out), "--ray-address", "local"]
+    args += ["--ray-workers", "2", "--quiet"] + (["--memory-budget", budget] if budget else [])
     env = dict(os.environ, MERGEKIT_SDXL_CACHE_DIR=str(work / "hash-cache"))
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
     )
+
+
+def _end_session(proc: subprocess.Popen) -> None:
+    """Kill what is left of the CLI's session (a lost driver's Ray agents outlive it)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _journaled(journal: Path) -> int:
+    from mergekit_sdxl.io.journal import JournalError, read_journal
+
+    try:
+        return read_journal(journal).completed if journal.exists() else 0
+    except (JournalError, OSError):  # being replaced
+        return 0
+
+
+@pytest.mark.slow
+@needs_ray
+def test_a_lost_driver_resumes_and_a_killed_worker_is_replaced_to_the_same_bytes(configs, work):
+    """``mergekit-sdxl merge --ray-address local --ray-workers 2``, twice (one Ray start-up each):
+
+    1. the driver is SIGKILLed once its journal holds a key (its Ray agents outlive it); until
+       then the local cluster has exactly the 2 worker processes asked for;
+    2. the same command resumes the partial output; one worker is SIGKILLed while it merges (its
+       title is ``ray::_merge_job`` only then): Ray reruns the job, and the merge finishes with
+       the single-process bytes.
+
+    Which keys a resumed Ray merge submits: ``test_an_interrupted_ray_merge_resumes_with_only_the_pending_keys``.
+    """
+    from mergekit_sdxl.io.writer import journal_path_for
+
+    expected = _reference(configs, work, "tgmd", SMALL_BUDGET)
+    out = work / "ray-faults" / OUT_NAME
+    out.parent.mkdir()
+    partial = Path(str(out) + ".partial")
+    journal = journal_path_for(partial)
+    first = _start_cli(configs["tgmd"], out, work, SMALL_BUDGET)
+    workers: set = set()
     killed: Optional[int] = None
     try:
-        deadline = time.monotonic() + 240
-        while proc.poll() is None and killed is None and time.monotonic() < deadline:
-            if partial.exists() and partial.stat().st_size > 2 * 2**20:  # writing: the workers are warm
-                for child in _children(proc.pid):
-                    try:
-                        title = child.cmdline()
-                    except psutil.Error:
-                        continue
-                    if title and title[0].startswith("ray::_merge_job"):
-                        child.kill()
-                        killed = child.pid
-                        break
-            time.sleep(0.005)
-        stdout, stderr = proc.communicate(timeout=300)
+        done, deadline = 0, time.monotonic() + 240
+        # The journal is checkpointed at the first key written, then every 16 MiB or 5 s.
+        while first.poll() is None and done < 1 and time.monotonic() < deadline:
+            workers.update(c.pid for c, title in _titles(first.pid) if title in ("ray::IDLE", "ray::_merge_job"))
+            done = _journaled(journal)
+            time.sleep(0.01)
+        assert first.poll() is None and done >= 1, f"rc {first.poll()}, {done} keys journaled"
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        assert not out.exists() and partial.exists()
+        assert len(workers) == 2, workers  # --ray-workers 2
+
+        # The same command, while the lost driver's leftovers still run.
+        second = _start_cli(configs["tgmd"], out, work, SMALL_BUDGET)
+        try:
+            while second.poll() is None and killed is None and time.monotonic() < deadline:
+                busy = [c for c, title in _titles(second.pid) if title == "ray::_merge_job"]
+                if busy:
+                    busy[0].kill()
+                    killed = busy[0].pid
+                time.sleep(0.005)
+            stdout, stderr = second.communicate(timeout=300)
+        finally:
+            _end_session(second)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert killed is not None, f"no worker was seen merging; rc {proc.returncode}\n{stderr}"
-    assert proc.returncode == 0, stderr
+        _end_session(first)
+    assert killed is not None, f"no worker was seen merging; rc {second.returncode}\n{stderr}"
+    assert second.returncode == 0, stderr
+    resumed = re.search(r"resuming: (\d+) of 2515 tensors done", stderr)
+    assert resumed and int(resumed.group(1)) >= done, stderr
     assert f"sha256 {expected}" in stdout
     assert _sha256(out) == expected
 
@@ -304,6 +367,29 @@ def test_ray_workers_needs_an_address():
     assert ray_settings(None, None) is None
     with pytest.raises(UsageError, match="--ray-workers: give --ray-address too"):
         ray_settings(None, 2)
+
+
+def test_a_node_with_other_package_versions_is_refused():
+    """Other torch or mergekit versions may round differently: a worker refuses the job."""
+    import torch
+
+    from mergekit_sdxl.host.ray_merge import RayMergeError, _check_same_versions, _versions
+
+    _check_same_versions(_versions())
+    with pytest.raises(RayMergeError, match=rf"has torch {re.escape(torch.__version__)}, the driver 2\.0\.0; install the same"):
+        _check_same_versions((("torch", "2.0.0"),))
+
+
+def test_an_address_where_no_cluster_listens_is_refused_at_once():
+    import socket
+
+    from mergekit_sdxl.host.ray_merge import RayMergeError, _probe
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    with pytest.raises(RayMergeError, match=rf"127\.0\.0\.1:{port}: nothing answers there .*ray start --head"):
+        _probe(f"127.0.0.1:{port}")
 
 
 # --------------------------------------------------------------------------- the scheduler
