@@ -10,11 +10,13 @@ import logging
 import os
 import shlex
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 import click
 
 from mergekit_sdxl.host.mergekit_api import MergeOptions, add_merge_options
+from mergekit_sdxl.text import printable
 
 LOG = logging.getLogger(__name__)
 
@@ -75,6 +77,16 @@ def report_result(result, echo=click.echo) -> None:
     echo(f"AutoV2 {write.autov2}")
 
 
+def _check_report_dir(report_dir: str, config_file: str, out_path: str) -> None:
+    """Refuse a report folder that would write over an input or the output, before the merge."""
+    from mergekit_sdxl.host.driver import read_config_text
+    from mergekit_sdxl.host.report_pass import prepare_report
+    from mergekit_sdxl.io.report_files import prepare_report_dir
+
+    job = prepare_report(read_config_text(config_file), source=config_file)
+    prepare_report_dir(Path(report_dir), [*job.reads(), (out_path, "the merge output")])
+
+
 @click.command("merge")
 @click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
 @click.argument("out_path", type=click.Path())
@@ -89,6 +101,7 @@ def report_result(result, echo=click.echo) -> None:
 @click.option("--keep-paths", is_flag=True, default=False, help="Record full input paths in the output's metadata and card (private use).")
 @click.option("--ray-address", default=None, help="Merge the keys on a Ray cluster: local (start one here), auto, or HOST:PORT; the inputs need the same paths on every node (pip install 'mergekit-sdxl[ray]').")
 @click.option("--ray-workers", type=click.IntRange(min=1), default=None, help="With --ray-address: keys merged at once (local: worker processes; default: the CPUs).")
+@click.option("--report", "report_dir", default=None, type=click.Path(file_okay=False), help="Also write the merge's report (report.json, figures, index.html) into this folder (pip install 'mergekit-sdxl[report]').")
 @add_merge_options
 def merge_command(
     merge_options: MergeOptions,
@@ -105,12 +118,18 @@ def merge_command(
     keep_paths: bool,
     ray_address: Optional[str],
     ray_workers: Optional[int],
+    report_dir: Optional[str],
 ) -> None:
     """Merge the checkpoints of CONFIG_FILE into ONE single-file SDXL checkpoint OUT_PATH."""
     from mergekit_sdxl.host.driver import read_config_text, run_sdxl_merge
     from mergekit_sdxl.host.ray_merge import ray_settings
 
     ray = ray_settings(ray_address, ray_workers)  # before any work: Ray may not be installed
+    if report_dir is not None:
+        from mergekit_sdxl.io.report_figures import require_matplotlib
+
+        require_matplotlib()  # before any work, not after an hour of merging
+        _check_report_dir(report_dir, config_file, out_path)
     if threads is not None:
         merge_options = merge_options.model_copy(update={"num_threads": threads})
     check_device_options(merge_options)
@@ -138,3 +157,17 @@ def merge_command(
         ray=ray,
     )
     report_result(result)
+    if report_dir is not None:
+        from mergekit_sdxl.cli.report_cmd import write_merge_report
+
+        # The statistics come from a pass over the inputs (mostly from the page cache by now)
+        # and the block change from the output just written.
+        page = write_merge_report(
+            read_config_text(config_file),
+            Path(report_dir),
+            source=config_file,
+            merged=out_path,
+            overrides=overrides,
+            quiet=merge_options.quiet,
+        )
+        click.echo(f"report written to {printable(page)}")

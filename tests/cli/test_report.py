@@ -240,3 +240,27 @@ def test_demo_ends_with_the_report_of_its_merge(tmp_path, monkeypatch, capsys):
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["inputs"] == ["finetune_01.safetensors", "finetune_02.safetensors"]
     assert report["block_change_from"] == "the finished merge merged.safetensors"
+
+
+def test_merge_with_report_writes_the_report_of_its_output(merge, tmp_path, monkeypatch, capsys):
+    """``merge --report DIR``: the merge's file is the fixture's (same config), and the report's
+    numbers are those of an independent computation over the inputs and that output."""
+    out = tmp_path / "again.safetensors"
+    folder = tmp_path / "merge-report"
+    code, stdout, stderr = _cli(monkeypatch, capsys, "merge", str(merge["config"]), str(out), "--memory-budget", "1GB", "--report", str(folder))
+    assert code == 0, stdout + stderr
+    assert f"report written to {folder / 'index.html'}" in stdout
+    from safetensors.numpy import load_file
+
+    ours, theirs = load_file(out), load_file(merge["out"])
+    assert all(np.array_equal(ours[k], theirs[k]) for k in theirs)
+    report = json.loads((folder / "report.json").read_text())
+    _check_numbers(report, merge)
+
+
+def test_merge_report_into_an_input_is_refused_before_the_merge(merge, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "never.safetensors"
+    code, stdout, stderr = _cli(monkeypatch, capsys, "merge", str(merge["config"]), str(out), "--report", str(merge["base"]))
+    assert code != 0
+    assert str(merge["base"]) in stdout + stderr
+    assert not out.exists()
