@@ -1,22 +1,46 @@
 #!/usr/bin/env python
-"""Bake N small LoRAs into one SDXL base with TGMD under a fixed memory budget: time and peak memory.
+"""Benchmark: bake N small LoRAs into one SDXL base under a fixed ``--memory-budget``: TGMD against
+the classic ``task_arithmetic`` bake, time and peak memory, measured in the same run.
 
-Workload: a width-scaled synthetic SDXL base (``write_synthetic_sdxl``, 1/16 width, ~40 MB, all
-2515 keys), and N kohya LoRAs of rank 4 (fp16, alpha 2), each adapting a seeded random half of
-the same ``--modules`` attention / MLP modules kohya's SDXL trainer adapts (UNet blocks IN07-IN08,
-M00, OUT00-OUT02, and both text encoders). Every LoRA is one model of the config,
-``{model: base, lora: loraN}``; the merge is ``mergekit-sdxl merge`` of a ``tgmd`` config with
-the AstolfoMix reference parameters, ``--memory-budget`` fixed, run as a child process.
+Every method goes through the same I/O, ``mergekit-sdxl merge CONFIG OUT.safetensors --memory-budget
+B --quiet``, run as a child process (one at a time) under ``/usr/bin/time -v`` (psutil polling of
+VmHWM when that is missing), so the peak RSS is the child's own. A third child only imports what a
+merge imports (torch, mergekit, the plugin): its peak RSS is the floor every merge starts from.
 
-Reported: the time to write the LoRAs, the merge's wall time (validation, hashing, preflight,
-planning and the merge itself), the child's peak resident memory (``ru_maxrss``) against the
-budget, the keys the LoRAs change, and a check of the output (keys no LoRA changes are the
-base's; every changed key differs from it).
+Inputs
+    base     a width-scaled synthetic SDXL (``write_synthetic_sdxl``, ``--width``, default 1/16:
+             ~40 MB, all 2515 keys), ``WORKDIR/base_w<width>.safetensors``;
+    LoRAs    N kohya LoRA files of rank ``--rank`` (fp16 factors, alpha = rank / 2, i.e. scale 0.5),
+             each adapting a seeded random three quarters of the same ``--modules`` candidate
+             modules (linear attention / MLP modules of UNet blocks IN07-IN08, M00, OUT00-OUT02 and
+             of both text encoders' first two layers, the names kohya's SDXL trainer writes), so
+             LoRAs overlap on some keys and leave most keys alone. A module's factors are factors
+             shared by every LoRA plus half as much of the LoRA's own (LoRAs of one style agree
+             in part: a robust merge keeps what they share). File i depends only on (i, width,
+             modules, rank): ``WORKDIR/loras/w<width>_m<modules>_r<rank>/lora_XXXX.safetensors``,
+             reused by every later run with the same settings.
+    Every input is hashed once up front into the child's hash cache, so no timed merge hashes.
+
+Configs (``WORKDIR/runs/``), one model per LoRA, ``{model: {model: base, lora: loraN}}``
+    task_arithmetic  mergekit's built-in: base + the sum of each LoRA's change (weight 1 each:
+                     kohya's merge_lora.py bake), dtype float32, out_dtype float16
+    tgmd             the AstolfoMix-XL reference parameters (DROP p = 0.1, density 1, count
+                     vote, geometric median, lambda 1, seed 240603), dtype float64, out_dtype
+                     float16; a LoRA abstains on the keys it leaves alone
+
+Measured per run
+    wall s           wall time of the child (interpreter start, validation, preflight, planning,
+                     the merge, writing)
+    peak RSS MB      maximum resident set size of the child (MB = 10^6 bytes)
+    over imports MB  peak RSS minus the imports-only child's: what the merge itself held
+    x task_arith     wall time and peak RSS / those of ``task_arithmetic`` in the same invocation
+    keys changed     output keys that differ from the base (every key some LoRA changes must);
+                     every other key must equal the base bit for bit ("untouched = base")
 
 Usage
-    python bench/bench_loras.py                      # N = 1000, budget 1GB
-    python bench/bench_loras.py --count 50 --budget 512MB --workdir /tmp/loras
-    python bench/bench_loras.py --json out.json
+    python bench/bench_loras.py                                   # N = 1000, budget 1GB
+    python bench/bench_loras.py --count 200 --budget 512MB --workdir /tmp/bench-loras
+    python bench/bench_loras.py --count 1000 --methods tgmd --json out.json
 """
 
 from __future__ import annotations
@@ -26,122 +50,294 @@ import json
 import os
 import random
 import re
-import resource
+import shutil
 import subprocess
 import sys
-import tempfile
+import threading
 import time
+from fractions import Fraction
 from pathlib import Path
+from typing import Any, Dict, List, Set, Tuple
 
-_ROOT = str(Path(__file__).resolve().parent.parent)
-sys.path.insert(0, _ROOT)
-for _name in [m for m in sys.modules if m == "mergekit_sdxl" or m.startswith("mergekit_sdxl.")]:
-    del sys.modules[_name]
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(_ROOT))
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
-
-from mergekit_sdxl.sdxl.tiny import synthetic_shapes, write_synthetic_sdxl  # noqa: E402
-from mergekit_sdxl.sdxl.tiny_lora import kohya_modules, lora_factors, module_shape, write_lora  # noqa: E402
-
+METHODS = ("task_arithmetic", "tgmd")
 _BLOCKS = re.compile(r"^lora_(unet_(input_blocks_[78]|middle_block|output_blocks_[012])_|te[12]_text_model_encoder_layers_(0|1)_)")
+_TGMD = {"drop_rate": 0.1, "density": 1.0, "sign_election": "count", "aggregate": "median", "lambda": 1.0, "seed": 240603}
 
 
-def _candidates(shapes, limit):
+def parse_width(text: str) -> float:
+    return float(Fraction(text))
+
+
+def width_tag(width: float) -> str:
+    return str(Fraction(width).limit_denominator(1024)).replace("/", "-")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _candidates(shapes: Dict[str, Tuple[int, ...]], limit: int) -> List[Tuple[str, Any]]:
+    from mergekit_sdxl.sdxl.tiny_lora import kohya_modules
+
     found = [(n, t) for n, t in kohya_modules(shapes, conv=False) if _BLOCKS.match(n)]
     random.Random(0).shuffle(found)
-    return sorted(found[:limit])
+    return sorted(found[:limit], key=lambda item: item[0])
 
 
-def write_loras(folder: Path, shapes, count: int, modules: int):
+def ensure_loras(folder: Path, shapes: Dict[str, Tuple[int, ...]], count: int, modules: int, rank: int) -> Tuple[List[Path], Set[str]]:
+    """The first ``count`` LoRA files (written where missing) and the keys they change."""
+    from mergekit_sdxl.sdxl.tiny_lora import lora_factors, module_shape, write_lora
+
+    folder.mkdir(parents=True, exist_ok=True)
     candidates = _candidates(shapes, modules)
-    touched = set()
-    paths = []
+    touched: Set[str] = set()
+    paths: List[Path] = []
+    written = 0
+    started = time.monotonic()
+    shared = {
+        name: lora_factors("lora", module_shape(target, shapes), rank, seed=1_000_000 + j, alpha=rank / 2, std=0.1)
+        for j, (name, target) in enumerate(candidates)
+    }
     for i in range(count):
-        chosen = random.Random(i).sample(candidates, max(1, len(candidates) // 2))
+        chosen = random.Random(i).sample(candidates, max(1, 3 * len(candidates) // 4))
+        touched.update(target.weight for _, target in chosen)
+        path = folder / f"lora_{i:04d}.safetensors"
+        paths.append(path)
+        if path.exists():
+            continue
         parts = {}
         for j, (name, target) in enumerate(chosen):
-            parts[name] = lora_factors("lora", module_shape(target, shapes), 4, seed=i * 1000 + j, alpha=2.0, std=0.02)
-            touched.add(target.weight)
-        paths.append(write_lora(folder / f"lora_{i:04d}.safetensors", parts, metadata={"ss_base_model_version": "sdxl_base_v1-0"}))
+            own = lora_factors("lora", module_shape(target, shapes), rank, seed=i * 1000 + j, alpha=rank / 2, std=0.05)
+            parts[name] = {c: (v if c == "alpha" else shared[name][c] + v) for c, v in own.items()}
+        tmp = path.with_suffix(".tmp")
+        write_lora(tmp, parts, metadata={"ss_base_model_version": "sdxl_base_v1-0", "ss_network_dim": str(rank)})
+        os.replace(tmp, path)
+        written += 1
+    if written:
+        print(f"# wrote {written} LoRA files into {folder} in {time.monotonic() - started:.1f} s", flush=True)
     return paths, touched
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--count", type=int, default=1000)
-    parser.add_argument("--modules", type=int, default=48, help="candidate modules; each LoRA adapts half of them")
-    parser.add_argument("--budget", default="1GB")
-    parser.add_argument("--threads", type=int, default=0, help="--num-threads for the merge (0: mergekit's default)")
-    parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+def prehash(paths: List[Path], cache_dir: Path) -> None:
+    """Fill the hash cache the children use, so the timed merges do not hash their inputs."""
+    from mergekit_sdxl.io.hashing import HashCache
 
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_loras_"))
-    work.mkdir(parents=True, exist_ok=True)
-    base = work / "base.safetensors"
-    if not base.exists():
-        write_synthetic_sdxl(base, seed=0)
-    shapes = synthetic_shapes(1 / 16)
-    started = time.perf_counter()
-    loras, touched = write_loras(work / "loras", shapes, args.count, args.modules)
-    written = time.perf_counter() - started
-    lora_bytes = sum(p.stat().st_size for p in loras)
+    cache = HashCache(cache_dir)
+    started = time.monotonic()
+    for path in paths:
+        cache.sha256(str(path))
+    took = time.monotonic() - started
+    if took > 1:
+        print(f"# hashed {len(paths)} inputs into {cache_dir} in {took:.1f} s", flush=True)
 
-    config = {
-        "merge_method": "tgmd",
-        "base_model": {"model": {"path": str(base)}},
-        "models": [{"model": {"model": {"path": str(base)}, "lora": {"path": str(p)}}} for p in loras],
-        "parameters": {"drop_rate": 0.1, "density": 1.0, "sign_election": "count", "aggregate": "median", "lambda": 1.0, "seed": 240603},
-        "dtype": "float64",
-        "out_dtype": "float16",
-    }
-    config_path = work / "tgmd_loras.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    out = work / "merged.safetensors"
-    for stale in work.glob("merged.safetensors*"):
-        stale.unlink()
-    command = [str(Path(sys.executable).parent / "mergekit-sdxl"), "merge", str(config_path), str(out), "--memory-budget", args.budget]
-    if args.threads:
-        command += ["--num-threads", str(args.threads)]
-    env = dict(os.environ, MERGEKIT_SDXL_CACHE_DIR=str(work / "hash-cache"))
-    started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
-    seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    if result.returncode != 0:
-        print(result.stdout, result.stderr, file=sys.stderr)
-        return result.returncode
 
+def make_config(method: str, base: Path, loras: List[Path]) -> Dict[str, Any]:
+    models: List[Dict[str, Any]] = []
+    for path in loras:
+        entry: Dict[str, Any] = {"model": {"model": {"path": str(base)}, "lora": {"path": str(path)}}}
+        if method == "task_arithmetic":
+            entry["parameters"] = {"weight": 1.0}  # the LoRA's strength
+        models.append(entry)
+    config: Dict[str, Any] = {"merge_method": method, "base_model": {"model": {"path": str(base)}}, "models": models}
+    if method == "tgmd":
+        config.update(parameters=dict(_TGMD), dtype="float64", out_dtype="float16")
+    else:
+        config.update(dtype="float32", out_dtype="float16")
+    return config
+
+
+# ----------------------------------------------------------------------------- children
+
+
+def _mergekit_sdxl() -> str:
+    exe = Path(sys.executable).parent / "mergekit-sdxl"
+    return str(exe) if exe.exists() else (shutil.which("mergekit-sdxl") or "mergekit-sdxl")
+
+
+def _poll_hwm(pid: int, stop: threading.Event, out: List[int]) -> None:
+    import psutil
+
+    peak = 0
+    try:
+        proc = psutil.Process(pid)
+        while not stop.is_set():
+            for p in [proc] + proc.children(recursive=True):
+                try:
+                    with open(f"/proc/{p.pid}/status") as fh:
+                        for line in fh:
+                            if line.startswith("VmHWM:"):
+                                peak = max(peak, int(line.split()[1]) * 1024)
+                except OSError:
+                    pass
+            stop.wait(0.05)
+    except Exception:  # noqa: BLE001 - the process is gone
+        pass
+    out.append(peak)
+
+
+def run_child(argv: List[str], env: Dict[str, str], log: Path) -> Dict[str, Any]:
+    """Run one child: rc, wall seconds, peak RSS (bytes), load average before -> after."""
+    timer = "/usr/bin/time" if os.path.exists("/usr/bin/time") else None
+    load_before = os.getloadavg()[0]
+    started = time.monotonic()
+    if timer:
+        proc = subprocess.run([timer, "-v"] + argv, env=env, capture_output=True, text=True)
+        wall = time.monotonic() - started
+        match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+        peak = int(match.group(1)) * 1024 if match else 0
+        stdout, stderr, rc = proc.stdout, proc.stderr, proc.returncode
+    else:
+        child = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stop: threading.Event = threading.Event()
+        box: List[int] = []
+        poller = threading.Thread(target=_poll_hwm, args=(child.pid, stop, box), daemon=True)
+        poller.start()
+        stdout, stderr = child.communicate()
+        wall = time.monotonic() - started
+        stop.set()
+        poller.join()
+        peak, rc = (box[0] if box else 0), child.returncode
+    log.write_text(f"$ {' '.join(argv)}\n--- stdout\n{stdout}\n--- stderr\n{stderr}", encoding="utf-8")
+    return {"rc": rc, "wall": wall, "peak": peak, "load": (load_before, os.getloadavg()[0]), "log": str(log)}
+
+
+def _clean_output(out: Path) -> None:
+    """Remove a previous output and what the writer leaves beside it (journal, sidecars)."""
+    if not out.parent.exists():
+        return
+    for p in out.parent.iterdir():
+        if p.name.startswith(out.name) or p.name == out.stem + ".md":
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink()
+
+
+def imports_only(env: Dict[str, str], log: Path) -> Dict[str, Any]:
+    """The peak RSS of a child that imports what a merge imports, and nothing more."""
+    code = "import torch, mergekit.merge, mergekit_sdxl.host.driver, mergekit_sdxl.host.plugin"
+    return run_child([sys.executable, "-c", code], env, log)
+
+
+def check_output(out: Path, base: Path, touched: Set[str]) -> Dict[str, Any]:
+    """Keys that differ from the base, and whether every key no LoRA changes is the base's."""
     from safetensors.torch import load_file
 
     merged, original = load_file(str(out)), load_file(str(base))
-    unchanged_ok = all(torch.equal(merged[k], original[k]) for k in merged if k not in touched)
-    changed = sum(not torch.equal(merged[k], original[k]) for k in touched)
+    differ = {k for k in merged if k in original and not _equal(merged[k], original[k])}
+    return {"keys_changed": len(differ & touched), "untouched_equal_base": not (differ - touched)}
+
+
+def _equal(a: Any, b: Any) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b.to(a.dtype)))
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--count", type=int, default=1000, help="number of LoRA files (default 1000)")
+    parser.add_argument("--modules", type=int, default=48, help="candidate modules; each LoRA adapts a random 3/4 (default 48)")
+    parser.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
+    parser.add_argument("--width", type=parse_width, default=1 / 16, help="width factor of the base, e.g. 1/16 (default)")
+    parser.add_argument("--budget", default="1GB", help="--memory-budget of every merge (default 1GB)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma list of " + ", ".join(METHODS))
+    parser.add_argument("--threads", type=int, default=None, help="passed to mergekit-sdxl merge --threads")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/mergekit-sdxl-bench-loras"), help="inputs, hash cache, configs, outputs")
+    parser.add_argument("--keep-output", action="store_true", help="keep the merged files (default: delete after checking)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw measurements here")
+    args = parser.parse_args()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS:
+            parser.error(f"unknown method {m}")
+    if args.count < 1:
+        parser.error("--count must be >= 1")
+    work = args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+
+    import yaml
+
+    from mergekit_sdxl.sdxl.tiny import synthetic_shapes, write_synthetic_sdxl
+
+    print(f"# load average {os.getloadavg()}, nproc {os.cpu_count()}", flush=True)
+    tag = width_tag(args.width)
+    base = work / f"base_w{tag}.safetensors"
+    if not base.exists():
+        write_synthetic_sdxl(base.with_suffix(".tmp"), width=args.width, seed=0)
+        os.replace(base.with_suffix(".tmp"), base)
+    shapes = synthetic_shapes(args.width)
+    loras, touched = ensure_loras(work / "loras" / f"w{tag}_m{args.modules}_r{args.rank}", shapes, args.count, args.modules, args.rank)
+    env = dict(os.environ, MERGEKIT_SDXL_CACHE_DIR=str(work / "hash-cache"))
+    env.setdefault("TQDM_DISABLE", "1")
+    prehash([base] + loras, work / "hash-cache")
+    runs = work / "runs"
+    runs.mkdir(exist_ok=True)
+
+    floor = imports_only(env, runs / "imports_only.log")
+    print(f"# imports only: peak RSS {floor['peak'] / 1e6:.0f} MB", flush=True)
+    rows: List[Dict[str, Any]] = []
+    for method in methods:
+        config = runs / f"{method}_n{args.count}.yaml"
+        config.write_text(yaml.safe_dump(make_config(method, base, loras), sort_keys=False), encoding="utf-8")
+        out = runs / f"{method}_n{args.count}.safetensors"
+        _clean_output(out)
+        argv = [_mergekit_sdxl(), "merge", str(config), str(out), "--quiet", "--memory-budget", args.budget]
+        if args.threads:
+            argv += ["--threads", str(args.threads)]
+        print(f"# {method}: {len(loras)} LoRA models ...", flush=True)
+        r = run_child(argv, env, out.with_suffix(".log"))
+        r["method"] = method
+        if r["rc"] == 0:
+            r.update(check_output(out, base, touched))
+        if not args.keep_output:
+            _clean_output(out)
+        status = "ok" if r["rc"] == 0 else f"FAILED rc {r['rc']} (see {r['log']})"
+        print(f"#   {status}: {r['wall']:.1f} s, peak RSS {r['peak'] / 1e6:.0f} MB", flush=True)
+        rows.append(r)
+
     from mergekit_sdxl.workflow.options import parse_bytes
 
-    report = {
-        "count": args.count,
-        "modules_per_lora": max(1, min(args.modules, len(_candidates(shapes, args.modules))) // 2),
-        "lora_bytes": lora_bytes,
-        "keys_changed_by_loras": len(touched),
-        "keys_changed_in_output": changed,
-        "untouched_keys_equal_base": unchanged_ok,
-        "write_loras_s": round(written, 2),
-        "merge_s": round(seconds, 2),
-        "peak_rss_bytes": peak,
-        "budget_bytes": parse_bytes(args.budget),
-        "threads": args.threads or torch.get_num_threads(),
-    }
+    budget = parse_bytes(args.budget)
+    reference = next((r for r in rows if r["method"] == "task_arithmetic" and r["rc"] == 0), None)
+    lora_bytes = sum(p.stat().st_size for p in loras)
+    per_lora = max(1, 3 * len(_candidates(shapes, args.modules)) // 4)
+    print()
     print(
-        f"{args.count} LoRAs ({lora_bytes / 1e6:.1f} MB, {report['modules_per_lora']} modules each, {len(touched)} keys changed): "
-        f"written in {written:.1f} s; tgmd merge {seconds:.1f} s, peak RSS {peak / 2**20:.0f} MiB "
-        f"(budget {report['budget_bytes'] / 2**20:.0f} MiB); untouched keys = base: {unchanged_ok}; "
-        f"changed keys differing from base: {changed}/{len(touched)}"
+        f"{args.count} LoRAs (rank {args.rank}, {per_lora} modules each, {lora_bytes / 1e6:.1f} MB in all) on a "
+        f"{str(Fraction(args.width).limit_denominator(1024))}-width SDXL base ({base.stat().st_size / 1e6:.1f} MB); "
+        f"the LoRAs change {len(touched)} keys; --memory-budget {args.budget} ({budget / 1e6:.0f} MB); "
+        f"imports alone: {floor['peak'] / 1e6:.0f} MB; nproc {os.cpu_count()}"
     )
+    print()
+    print("| LoRAs | method | budget | wall s | peak RSS MB | over imports MB | x task_arith (time) | x task_arith (RSS) | keys changed | untouched = base | load 1m |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---|---|")
+    ok = True
+    for r in rows:
+        failed = r["rc"] != 0
+        ok = ok and not failed and r.get("untouched_equal_base", False) and r.get("keys_changed") == len(touched)
+        ratio_t = f"{r['wall'] / reference['wall']:.2f}" if reference and not failed else "-"
+        ratio_m = f"{r['peak'] / reference['peak']:.2f}" if reference and not failed else "-"
+        print(
+            f"| {args.count} | {r['method']} | {args.budget} | {r['wall']:.1f}{' (failed)' if failed else ''} | {r['peak'] / 1e6:.0f} | "
+            f"{(r['peak'] - floor['peak']) / 1e6:.0f} | {ratio_t} | {ratio_m} | "
+            f"{r.get('keys_changed', '-')}/{len(touched)} | {r.get('untouched_equal_base', '-')} | {r['load'][0]:.2f}->{r['load'][1]:.2f} |"
+        )
+    print()
+    print("Command: `.venv/bin/python bench/bench_loras.py " + " ".join(sys.argv[1:]) + "`")
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-    return 0 if unchanged_ok and changed == len(touched) else 1
+        report = {
+            "count": args.count, "rank": args.rank, "modules_per_lora": per_lora, "width": args.width, "lora_bytes": lora_bytes,
+            "keys_changed_by_loras": len(touched), "budget": args.budget, "budget_bytes": budget, "imports_only_peak": floor["peak"],
+            "runs": rows,
+        }
+        args.json.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

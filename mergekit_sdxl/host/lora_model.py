@@ -17,7 +17,7 @@ thousand LoRAs never exist as a thousand models in memory.
   (its reader returns None; nothing is read or computed), and a key no input changes is the base.
 
 The LoRA strength (kohya's multiplier) is a method parameter, not part of the model: with
-``task_arithmetic`` (or ``linear`` without normalisation) it is the entry's ``weight``.
+``task_arithmetic`` it is the entry's ``weight`` (base + weight * change).
 """
 
 from __future__ import annotations
@@ -108,9 +108,7 @@ def lora_model_index(ref: Any) -> LoraModelIndex:
     base = checkpoint_index(base_path)
     lora = lora_file(lora_path)
     binding = lora.bind(base.shapes, base_name=os.path.basename(base_path))
-    dtypes = dict(base.dtypes)
-    for name in binding.keys:
-        dtypes[name] = LORA_DTYPE_NAME
+    dtypes = _dtypes(key[0], base.dtypes, frozenset(binding.keys))
     index = LoraModelIndex(
         base_path=base.base_path,
         is_safetensors=True,
@@ -132,6 +130,22 @@ def lora_model_index(ref: Any) -> LoraModelIndex:
         if len(_INDEXES) > _MAX_CACHED:
             _INDEXES.clear()
         return _INDEXES.setdefault(key, index)
+
+
+_DTYPES: Dict[Tuple[Tuple[str, int, int], FrozenSet[str]], Dict[str, str]] = {}
+
+
+def _dtypes(base_key: Tuple[str, int, int], base: Mapping[str, str], touched: FrozenSet[str]) -> Dict[str, str]:
+    """The base's dtypes with the changed keys as float32, one dict per base and set of changed
+    keys: LoRAs trained with the same modules (most of a collection) share it, not 2515 entries each."""
+    key = (base_key, touched)
+    with _LOCK:
+        found = _DTYPES.get(key)
+        if found is None:
+            if len(_DTYPES) > _MAX_CACHED:
+                _DTYPES.clear()
+            found = _DTYPES[key] = {**base, **dict.fromkeys(touched, LORA_DTYPE_NAME)}
+    return found
 
 
 def lora_model_config(ref: Any) -> Any:

@@ -19,7 +19,7 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -35,7 +35,8 @@ from mergekit_sdxl.sdxl.dtypes import torch_dtypes
 from mergekit_sdxl.sdxl.families import MERGEABLE_FAMILIES, family_label
 from mergekit_sdxl.sdxl.header import CheckpointError, SafetensorsHeader, read_header
 from mergekit_sdxl.sdxl.lora_detect import LoraDetection, detect_lora
-from mergekit_sdxl.sdxl.lora_keys import LoraLayout, LoraModule, delta_shape, parse_lora, rank_of
+from mergekit_sdxl.sdxl.lora_keys import LoraLayout, LoraModule, delta_shape, normalised_module, parse_lora, rank_of
+from mergekit_sdxl.sdxl.lora_peft import PeftMetadataError, peft_alpha, peft_configs
 
 __all__ = ["LoraFile", "LoraBinding", "Contribution", "RowsOf", "COMPUTE_DTYPE"]
 
@@ -97,6 +98,7 @@ class LoraFile:
         self.header = header if header is not None else read_header(path)
         self.layout: LoraLayout = parse_lora(self.header.tensors)
         self._detection: Optional[LoraDetection] = None
+        self._peft: Optional[Dict[str, Dict[str, Any]]] = None
         self._cache: OrderedDict[str, Tuple[Dict[str, torch.Tensor], float]] = OrderedDict()
         self._lock = threading.Lock()
         self.bytes_read = 0
@@ -109,6 +111,16 @@ class LoraFile:
 
     def error(self, message: str, key: Optional[str] = None) -> CheckpointError:
         return CheckpointError(self.path, message, key=key)
+
+    @property
+    def peft_configs(self) -> Dict[str, Dict[str, Any]]:
+        """The PEFT configs of diffusers' ``lora_adapter_metadata`` (empty when there is none)."""
+        if self._peft is None:
+            try:
+                self._peft = peft_configs(self.header.metadata)
+            except PeftMetadataError as error:
+                raise self.error(f"metadata: {error}") from None
+        return self._peft
 
     # ------------------------------------------------------------------ checks against a base
 
@@ -142,6 +154,7 @@ class LoraFile:
         """The file's modules laid onto a base with these (canonical) key shapes; header only."""
         self.check_family()
         self.check_layout()
+        _ = self.peft_configs  # unreadable metadata is refused before any work
         shapes = {name: info.shape for name, info in self.header.tensors.items()}
         by_key: Dict[str, List[Contribution]] = {}
         for module in self.layout.modules.values():
@@ -286,7 +299,12 @@ class LoraFile:
             else:
                 tensors[component] = value
         shapes = {name: info.shape for name, info in self.header.tensors.items()}
-        result = (tensors, module_scale(module.kind, alpha, rank_of(module, shapes)))
+        rslora = False
+        if alpha is None and module.components.get("down", "").endswith(".lora_A.weight"):
+            found = peft_alpha(self.peft_configs, normalised_module(module.name))  # diffusers / PEFT's own alpha
+            if found is not None:
+                alpha, rslora = found.alpha, found.rslora
+        result = (tensors, module_scale(module.kind, alpha, rank_of(module, shapes), rslora=rslora))
         with self._lock:
             self._cache[module.name] = result
             while len(self._cache) > _CACHED_MODULES:

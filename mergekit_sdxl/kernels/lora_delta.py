@@ -27,6 +27,7 @@ input channel otherwise (over every output row: a pre-pass over all rows), as Ly
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Optional
 
 import torch
@@ -40,14 +41,15 @@ class LoraMathError(ValueError):
     """Factor tensors that do not make the module's weight change (shapes that do not fit)."""
 
 
-def module_scale(kind: str, alpha: Optional[float], rank: Optional[int]) -> float:
-    """``alpha / rank`` (kohya / LyCORIS); 1 when the module has no rank (LoKr with both factors
-    full, ``full``, ``norm``) and ``alpha = rank`` when alpha is absent or zero."""
+def module_scale(kind: str, alpha: Optional[float], rank: Optional[int], *, rslora: bool = False) -> float:
+    """``alpha / rank`` (kohya / LyCORIS; ``alpha / sqrt(rank)`` for PEFT's ``use_rslora``); 1 when
+    the module has no rank (LoKr with both factors full, ``full``, ``norm``) and ``alpha = rank``
+    when alpha is absent or zero."""
     if kind in ("full", "norm") or rank is None:
         return 1.0
     if alpha is None or alpha == 0.0:
         return 1.0
-    return float(alpha) / float(rank)
+    return float(alpha) / (math.sqrt(rank) if rslora else float(rank))
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,7 @@ _SD12_UNET = re.compile(
     r"(down_blocks[._]0[._]attentions|up_blocks[._]3[._]attentions|down_blocks[._]3[._]|"
     r"input_blocks[._](9|1[01])[._]|output_blocks[._](9|1[01])[._])"
 )
-_SDXL_NAMES = re.compile(r"^(lora_te1_|lora_te2_|text_encoder_2\.|lora_unet_(input_blocks|middle_block|output_blocks|label_emb)_)")
+_SDXL_NAMES = re.compile(r"^(lora_te1_|lora_te2_|text_encoder_2\.|(lora_unet|lycoris)_(input_blocks|middle_block|output_blocks|label_emb)_)")
 
 
 @dataclass
@@ -62,7 +62,9 @@ class LoraDetection:
     ``family``: what it was trained for (a :data:`~mergekit_sdxl.sdxl.families.Family`), with
     ``family_source`` saying how that was found; ``kinds``: network kinds of its modules
     (``lora`` ``loha`` ``lokr`` ``full`` ``norm``), ``dora`` whether any module is DoRA; ``ranks``:
-    the ranks found; ``components``: modules per SDXL component (unet, clip_l, clip_g).
+    the ranks found (these three over every module, those of another family's layout included);
+    ``components``: modules per SDXL component (unet, clip_l, clip_g); ``n_modules``: modules
+    that map to an SDXL key, ``unmapped``: the others.
     """
 
     family: str
@@ -107,8 +109,11 @@ class LoraDetection:
 
     def describe(self) -> str:
         comps = ", ".join(f"{c} {n}" for c, n in self.components.items())
+        if self.unmapped:
+            comps += (", " if comps else "") + f"{len(self.unmapped)} on no SDXL key"
+        total = self.n_modules + len(self.unmapped)
         return (
-            f"{self.network} rank {self.rank_text}, {self.n_modules} modules ({comps or 'none'}); "
+            f"{self.network} rank {self.rank_text}, {total} modules ({comps or 'none'}); "
             f"trained for {family_label(self.family)} ({self.family_source or 'not recorded'})"
         )
 
@@ -186,8 +191,9 @@ def detect_lora(header: SafetensorsHeader, layout: Optional[LoraLayout] = None) 
     shapes = {name: info.shape for name, info in header.tensors.items()}
     ranks = set()
     components: Dict[str, int] = {}
-    for module in layout.modules.values():
-        components[module.target.component] = components.get(module.target.component, 0) + 1
+    for module in list(layout.modules.values()) + list(layout.foreign.values()):
+        if module.target.weight:
+            components[module.target.component] = components.get(module.target.component, 0) + 1
         try:
             rank = rank_of(module, shapes)
             delta_shape(module, shapes)

@@ -6,8 +6,9 @@ A LoRA file stores, per adapted *module*, a few factor tensors (``<module>.lora_
 * maps every module name spelling seen in SDXL LoRAs to the sgm key of the weight it changes
   (:func:`module_targets`): kohya's names over the sgm UNet (``lora_unet_input_blocks_4_1_proj_in``)
   and over the diffusers UNet (``lora_unet_down_blocks_1_attentions_0_proj_in``), ``lora_te1_*``
-  (CLIP-L, HF names), ``lora_te2_*`` (CLIP-G under its HF names: ``self_attn.q_proj`` is a row block
-  of the sgm ``attn.in_proj_weight``, ``text_projection`` is the transpose of the sgm one), and the
+  (CLIP-L, HF names), ``lora_te2_*`` (CLIP-G under its HF names: ``self_attn.q_proj`` is a row
+  block of the sgm ``attn.in_proj_weight``, ``text_projection`` is the transpose of the sgm one),
+  LyCORIS's ``lycoris_*`` (its ``create_lycoris`` wrapper over either UNet layout), and the
   diffusers / PEFT layout (``unet.``, ``text_encoder.``, ``text_encoder_2.``);
 * groups a file's tensor names into modules with their components and network kind
   (:func:`parse_lora`), and gives the shape of each module's weight change from the factor shapes
@@ -33,9 +34,11 @@ __all__ = [
     "LoraModule",
     "LoraLayout",
     "LORA_KINDS",
+    "NO_TARGET",
     "COMPONENT_SUFFIXES",
     "module_targets",
     "target_of",
+    "normalised_module",
     "diffusers_unet_path",
     "parse_lora",
     "looks_like_lora",
@@ -121,6 +124,9 @@ class LoraTarget:
                 return name
         return "other"
 
+
+NO_TARGET = LoraTarget(weight="")
+"""The target of a module that changes no SDXL key (:attr:`LoraLayout.foreign`)."""
 
 # --------------------------------------------------------------------------- the UNet
 
@@ -263,9 +269,11 @@ def module_targets() -> Mapping[str, LoraTarget]:
     table: Dict[str, LoraTarget] = {}
     for path, target in _weight_modules(_UNET).items():
         _add(table, _kohya("lora_unet", path), target)  # kohya over the sgm UNet (SDXL)
+        _add(table, _kohya("lycoris", path), target)  # LyCORIS's own wrapper (create_lycoris) over it
         diffusers = diffusers_unet_path(path)
         if diffusers is not None:
             _add(table, _kohya("lora_unet", diffusers), target)  # kohya over the diffusers UNet
+            _add(table, _kohya("lycoris", diffusers), target)
             _add(table, "unet." + diffusers, target)  # diffusers / PEFT
             _add(table, diffusers, target)  # a PEFT adapter saved from the UNet itself
     for path, target in _weight_modules(_CLIP_L).items():
@@ -278,12 +286,14 @@ def module_targets() -> Mapping[str, LoraTarget]:
     for path, target in _clip_g_modules(layers).items():
         _add(table, _kohya("lora_te2", path), target)
         _add(table, "text_encoder_2." + path, target)
+        if path.startswith("text_model."):
+            _add(table, "text_encoder_2." + path[len("text_model."):], target)
     for path, target in _weight_modules(_CLIP_G).items():  # sgm (OpenCLIP) names of CLIP-G
         _add(table, _kohya("lora_te2", path), target)
     return table
 
 
-def _normalised(module: str) -> str:
+def normalised_module(module: str) -> str:
     """The module name as :func:`module_targets` spells it (PEFT wrappers removed)."""
     for wrapper in ("base_model.model.",):
         if module.startswith(wrapper):
@@ -297,7 +307,7 @@ def _normalised(module: str) -> str:
 
 def target_of(module: str) -> Optional[LoraTarget]:
     """The target of a module name as a LoRA file spells it, None when it changes no SDXL key."""
-    return module_targets().get(_normalised(module))
+    return module_targets().get(normalised_module(module))
 
 
 # --------------------------------------------------------------------------- one file's modules
@@ -321,19 +331,24 @@ class LoraModule:
 class LoraLayout:
     """A LoRA file's tensors grouped into modules.
 
-    ``unmapped``: module names that change no SDXL key; ``problems``: ``(tensor or module name,
-    reason)`` for what cannot be read as a LoRA (unknown components, incomplete or mixed modules);
-    ``ignored``: tensors deliberately left out (kohya's bundled embeddings).
+    ``unmapped``: module names that change no SDXL key (``foreign``: those modules, with the
+    target :data:`NO_TARGET`, so that a LoRA of another family is still described); ``problems``:
+    ``(tensor or module name, reason)`` for what cannot be read as a LoRA (unknown components,
+    incomplete or mixed modules); ``ignored``: tensors deliberately left out (kohya's bundled
+    embeddings).
     """
 
     modules: Dict[str, LoraModule] = field(default_factory=dict)
     unmapped: List[str] = field(default_factory=list)
+    foreign: Dict[str, LoraModule] = field(default_factory=dict)
     problems: List[Tuple[str, str]] = field(default_factory=list)
     ignored: List[str] = field(default_factory=list)
 
     @property
     def kinds(self) -> Tuple[str, ...]:
-        return tuple(k for k in LORA_KINDS if any(m.kind == k for m in self.modules.values()))
+        """Network kinds of its modules, mapped or not."""
+        found = {m.kind for m in self.modules.values()} | {m.kind for m in self.foreign.values()}
+        return tuple(k for k in LORA_KINDS if k in found)
 
 
 def split_name(tensor: str) -> Optional[Tuple[str, str]]:
@@ -418,6 +433,7 @@ def parse_lora(names: Iterable[str]) -> LoraLayout:
         target = target_of(module)
         if target is None:
             layout.unmapped.append(module)
+            layout.foreign[module] = LoraModule(name=module, kind=kind, components=dict(components), target=NO_TARGET)
             continue
         layout.modules[module] = LoraModule(name=module, kind=kind, components=dict(components), target=target)
     return layout

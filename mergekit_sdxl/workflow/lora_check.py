@@ -9,15 +9,16 @@ Nothing here reads a tensor or imports mergekit: the same checks the merge's loa
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from mergekit_sdxl.io.lora_file import LoraFile
+from mergekit_sdxl.sdxl.families import family_label
 from mergekit_sdxl.sdxl.header import CheckpointError, read_header
 from mergekit_sdxl.sdxl.keys import canonical_shapes
 from mergekit_sdxl.sdxl.lora_detect import LoraDetection
-from mergekit_sdxl.workflow.preflight import PreflightError
+from mergekit_sdxl.workflow.preflight import FileReport, PreflightError
 
-__all__ = ["check_lora", "check_lora_inputs"]
+__all__ = ["check_lora", "check_lora_inputs", "lora_exclusion_reason"]
 
 Shapes = Dict[str, Tuple[int, ...]]
 
@@ -54,3 +55,12 @@ def check_lora_inputs(pairs: Sequence[Tuple[str, str]]) -> List[LoraDetection]:
     if problems:
         raise PreflightError(problems)
     return found
+
+
+def lora_exclusion_reason(rep: FileReport) -> Optional[str]:
+    """Why ``recipe DIR`` (a folder of checkpoints) leaves out a LoRA file, None for a non-LoRA:
+    a LoRA is no checkpoint to merge, ``recipe --loras DIR`` bakes it into the base."""
+    lora = rep.lora
+    if lora is None:
+        return None
+    return f"a LoRA file ({lora.network}, for {family_label(lora.family)}), not a checkpoint: bake LoRAs in with recipe --loras DIR"

@@ -39,6 +39,7 @@ from mergekit_sdxl.method_versions import format_method_versions, method_version
 from mergekit_sdxl.sdxl.families import MERGEABLE_FAMILIES, family_label
 from mergekit_sdxl.sdxl.header import CheckpointError
 from mergekit_sdxl.text import printable
+from mergekit_sdxl.workflow.lora_check import lora_exclusion_reason
 from mergekit_sdxl.workflow.preflight import FileReport, canonical_shapes, inspect_file
 
 logger = logging.getLogger(__name__)
@@ -568,6 +569,9 @@ def _exclusion_reason(
     """Header-level reason to exclude a file (before hashing), or None."""
     if not rep.ok:
         return f"unreadable: {rep.error}"
+    lora_reason = lora_exclusion_reason(rep)
+    if lora_reason is not None:
+        return lora_reason
     det = rep.detection
     assert det is not None and rep.header is not None
     if det.family not in MERGEABLE_FAMILIES:

@@ -123,3 +123,64 @@ def test_two_spellings_of_one_module_are_refused(tmp_path):
     path = write_lora(tmp_path / "twice.safetensors", {PROJ: f, "lora_unet_down_blocks_1_attentions_0_proj_in": f})
     with pytest.raises(CheckpointError, match="both change the same rows"):
         LoraFile(str(path)).bind(SHAPES)
+
+
+def test_a_peft_files_alpha_comes_from_its_adapter_metadata(tmp_path):
+    """diffusers' lora_adapter_metadata: lora_alpha / r, an alpha_pattern, rsLoRA's alpha / sqrt(r)."""
+    import json
+
+    proj, qkv = U + "input_blocks.4.1.proj_in.weight", G + "transformer.resblocks.3.attn.in_proj_weight"
+    width = SHAPES[qkv][1]
+    f_proj, f_out, f_q = (lora_factors("lora", s, 4, seed=i) for i, s in enumerate([SHAPES[proj], SHAPES[U + "input_blocks.4.1.proj_out.weight"], (width, width)]))
+
+    def peft(f):
+        return {"lora_A.weight": f["lora_down.weight"], "lora_B.weight": f["lora_up.weight"]}
+
+    metadata = {
+        "unet.r": 4, "unet.lora_alpha": 8, "unet.alpha_pattern": {"down_blocks.1.attentions.0.proj_out": 1},
+        "text_encoder_2.r": 4, "text_encoder_2.lora_alpha": 6, "text_encoder_2.use_rslora": True,
+    }
+    path = write_lora(
+        tmp_path / "pytorch_lora_weights.safetensors",
+        {
+            "unet.down_blocks.1.attentions.0.proj_in": peft(f_proj),
+            "unet.down_blocks.1.attentions.0.proj_out": peft(f_out),
+            "text_encoder_2.text_model.encoder.layers.3.self_attn.q_proj": peft(f_q),
+        },
+        dtype=torch.float32,
+        metadata={"lora_adapter_metadata": json.dumps(metadata)},
+    )
+    binding = LoraFile(str(path)).bind(SHAPES)
+    got, base = _rows(binding, proj, 16)
+    torch.testing.assert_close(got, base + f_proj["lora_up.weight"] @ f_proj["lora_down.weight"] * 2.0, rtol=1e-6, atol=1e-6)
+    out = U + "input_blocks.4.1.proj_out.weight"
+    got, base = _rows(binding, out, 16)
+    torch.testing.assert_close(got, base + f_out["lora_up.weight"] @ f_out["lora_down.weight"] * 0.25, rtol=1e-6, atol=1e-6)
+    got, base = _rows(binding, qkv, 16)
+    expected = base.clone()
+    expected[:width] += f_q["lora_up.weight"] @ f_q["lora_down.weight"] * (6 / 2)  # alpha / sqrt(4)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_unreadable_adapter_metadata_is_refused_naming_the_file(tmp_path):
+    f = lora_factors("lora", SHAPES[U + "input_blocks.4.1.proj_in.weight"], 2)
+    parts = {"lora_A.weight": f["lora_down.weight"], "lora_B.weight": f["lora_up.weight"]}
+    path = write_lora(tmp_path / "broken.safetensors", {"unet.down_blocks.1.attentions.0.proj_in": parts}, metadata={"lora_adapter_metadata": "{"})
+    with pytest.raises(CheckpointError, match=r"broken\.safetensors: metadata: lora_adapter_metadata is not JSON"):
+        LoraFile(str(path)).bind(SHAPES)
+
+
+@pytest.mark.parametrize(
+    "metadata, names, family",
+    [
+        ({"ss_base_model_version": "sd_v2"}, ["lora_unet_down_blocks_1_attentions_0_proj_in"], "SD 2"),
+        ({"modelspec.architecture": "flux-1-dev/lora"}, ["lora_unet_double_blocks_0_img_attn_proj"], "Flux"),
+        ({}, ["lora_unet_double_blocks_0_img_attn_proj"], "Flux"),
+    ],
+    ids=["sd2-by-ss_base_model_version", "flux-by-modelspec", "flux-by-key-names"],
+)
+def test_sd2_and_flux_loras_are_refused_naming_the_file_and_family(tmp_path, metadata, names, family):
+    f = lora_factors("lora", (64, 64), 4, alpha=4.0)
+    path = write_lora(tmp_path / "other_family.safetensors", dict.fromkeys(names, f), metadata=metadata)
+    with pytest.raises(CheckpointError, match=rf"other_family\.safetensors: a LoRA for {family}.*only SDXL LoRAs"):
+        LoraFile(str(path)).bind(SHAPES)

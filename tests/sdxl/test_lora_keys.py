@@ -39,7 +39,9 @@ def test_every_diffusers_module_of_the_tiny_sdxl_maps_where_diffusers_puts_it():
 @pytest.mark.parametrize(
     "names, key, block",
     [
-        (("lora_unet_input_blocks_4_1_proj_in", "lora_unet_down_blocks_1_attentions_0_proj_in", "unet.down_blocks.1.attentions.0.proj_in"), U + "input_blocks.4.1.proj_in.weight", None),
+        (("lora_unet_input_blocks_4_1_proj_in", "lora_unet_down_blocks_1_attentions_0_proj_in", "unet.down_blocks.1.attentions.0.proj_in",
+          "lycoris_down_blocks_1_attentions_0_proj_in", "lycoris_input_blocks_4_1_proj_in", "unet.base_model.model.down_blocks.1.attentions.0.proj_in"),
+         U + "input_blocks.4.1.proj_in.weight", None),
         (("lora_unet_input_blocks_1_0_in_layers_2", "lora_unet_down_blocks_0_resnets_0_conv1"), U + "input_blocks.1.0.in_layers.2.weight", None),
         (("lora_unet_input_blocks_3_0_op", "lora_unet_down_blocks_0_downsamplers_0_conv"), U + "input_blocks.3.0.op.weight", None),
         (("lora_unet_output_blocks_2_2_conv", "lora_unet_up_blocks_0_upsamplers_0_conv"), U + "output_blocks.2.2.conv.weight", None),
@@ -47,7 +49,9 @@ def test_every_diffusers_module_of_the_tiny_sdxl_maps_where_diffusers_puts_it():
         (("lora_unet_middle_block_2_emb_layers_1", "lora_unet_mid_block_resnets_1_time_emb_proj"), U + "middle_block.2.emb_layers.1.weight", None),
         (("lora_unet_label_emb_0_0", "unet.add_embedding.linear_1"), U + "label_emb.0.0.weight", None),
         (("lora_te1_text_model_encoder_layers_3_self_attn_q_proj", "text_encoder.text_model.encoder.layers.3.self_attn.q_proj", "lora_te_text_model_encoder_layers_3_self_attn_q_proj"), L + "encoder.layers.3.self_attn.q_proj.weight", None),
-        (("lora_te2_text_model_encoder_layers_5_self_attn_v_proj", "text_encoder_2.text_model.encoder.layers.5.self_attn.v_proj"), G + "transformer.resblocks.5.attn.in_proj_weight", 2),
+        (("lora_te2_text_model_encoder_layers_5_self_attn_v_proj", "text_encoder_2.text_model.encoder.layers.5.self_attn.v_proj",
+          "text_encoder_2.encoder.layers.5.self_attn.v_proj"), G + "transformer.resblocks.5.attn.in_proj_weight", 2),
+        (("text_encoder.encoder.layers.3.mlp.fc2",), L + "encoder.layers.3.mlp.fc2.weight", None),
         (("lora_te2_text_model_encoder_layers_5_mlp_fc1",), G + "transformer.resblocks.5.mlp.c_fc.weight", None),
         (("down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora",), None, None),
     ],
