@@ -3,10 +3,31 @@ isolation of mergekit's class-level loader cache between tests."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--heavy",
+        action="store_true",
+        default=False,
+        help="also run the heavy tests (more cases of the slow end-to-end files; several minutes more)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    # Heavy cases repeat what a lighter case of the same test covers, for more methods or
+    # options; CI runs the light set to stay well under its time limit.
+    if config.getoption("--heavy") or os.environ.get("MERGEKIT_SDXL_HEAVY_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="heavy: run with --heavy or MERGEKIT_SDXL_HEAVY_TESTS=1")
+    for item in items:
+        if "heavy" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture

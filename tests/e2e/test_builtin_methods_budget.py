@@ -144,13 +144,13 @@ def _mean_change(path: Path, base: Dict[str, torch.Tensor]) -> float:
 DETERMINISTIC = [
     # (method, per-model parameters, shared parameters, models, tolerance)
     ("linear", {"weight": 0.3}, {"weight": 1.0}, 3, 0.0),  # the base is an input of linear too
-    ("task_arithmetic", {"weight": 0.5}, {"lambda": 0.8}, 3, 0.0),
-    ("nearswap", {}, {"t": 0.01}, 1, 0.0),
+    pytest.param("task_arithmetic", {"weight": 0.5}, {"lambda": 0.8}, 3, 0.0, marks=pytest.mark.heavy),
+    pytest.param("nearswap", {}, {"t": 0.01}, 1, 0.0, marks=pytest.mark.heavy),
     ("ties", {"weight": 0.5, "density": 0.5}, {}, 3, 0.0),
-    ("breadcrumbs", {"weight": 0.5, "density": 0.6, "gamma": 0.05}, {}, 3, 0.0),
+    pytest.param("breadcrumbs", {"weight": 0.5, "density": 0.6, "gamma": 0.05}, {}, 3, 0.0, marks=pytest.mark.heavy),
     ("breadcrumbs_ties", {"weight": 0.4, "density": 0.6}, {}, 3, 0.0),
     ("model_stock", {}, {"filter_wise": True}, 3, 0.0),
-    ("model_stock", {}, {}, 3, 1e-6),
+    pytest.param("model_stock", {}, {}, 3, 1e-6, marks=pytest.mark.heavy),
     ("sce", {}, {"select_topk": 0.5}, 3, 1e-6),
 ]
 
@@ -166,7 +166,7 @@ def test_deterministic_builtin_under_64mb_matches_mergekit(inputs, tmp_path, mon
     assert result["tensors"] == 2515
 
 
-@pytest.mark.parametrize("method", ["ties", "sce"])
+@pytest.mark.parametrize("method", ["ties", pytest.param("sce", marks=pytest.mark.heavy)])
 def test_keys_read_from_the_files_give_the_same_bytes(inputs, tmp_path, monkeypatch, method):
     """At 16MB the token embeddings' N inputs do not fit: they are read from the files in chunks."""
     shared = {"select_topk": 0.4} if method == "sce" else {}
@@ -190,9 +190,9 @@ def test_ties_without_dtype_computes_in_float16_like_mergekit(inputs, tmp_path, 
 
 RANDOM = [
     ("dare_ties", {"weight": 0.5, "density": 0.7}),
-    ("dare_linear", {"weight": 0.5, "density": 0.7}),
+    pytest.param("dare_linear", {"weight": 0.5, "density": 0.7}, marks=pytest.mark.heavy),
     ("della", {"weight": 0.5, "density": 0.6, "epsilon": 0.15}),
-    ("della_linear", {"weight": 0.5, "density": 0.6, "epsilon": 0.15}),
+    pytest.param("della_linear", {"weight": 0.5, "density": 0.6, "epsilon": 0.15}, marks=pytest.mark.heavy),
 ]
 
 
