@@ -151,14 +151,20 @@ def _run_lanes(pending: Sequence[Tuple[str, OutputTensor]], devices: List[str]) 
     frontier = 0
     lanes = [[pending[i] for i in range(g, len(pending), len(devices))] for g in range(len(devices))]
 
-    def lane(keys: Sequence[Tuple[str, OutputTensor]], device: str) -> None:
+    def lane(keys: Sequence[Tuple[str, OutputTensor]], device: str, number: int) -> None:
         LANE_DEVICE.set(device)
         try:
             for name, value in _run_one(keys, device):
                 results.put((name, value, None))
                 following = index[name] + len(devices)
                 with progress:
-                    while not stop.is_set() and following - frontier > _LANE_WINDOW:
+                    # mergekit's executor may finish a lane's keys out of list order: the lane
+                    # that owns the (unfinished) frontier key never waits, or all lanes would.
+                    while (
+                        not stop.is_set()
+                        and following - frontier > _LANE_WINDOW
+                        and frontier % len(devices) != number
+                    ):
                         progress.wait(timeout=0.5)
                 if stop.is_set():
                     return
@@ -166,8 +172,8 @@ def _run_lanes(pending: Sequence[Tuple[str, OutputTensor]], devices: List[str]) 
             results.put(("", None, error))
 
     threads = [
-        threading.Thread(target=lane, args=(keys, device), name=f"mergekit-sdxl-lane-{device}", daemon=True)
-        for keys, device in zip(lanes, devices, strict=True)
+        threading.Thread(target=lane, args=(keys, device, number), name=f"mergekit-sdxl-lane-{number}-{device}", daemon=True)
+        for number, (keys, device) in enumerate(zip(lanes, devices, strict=True))
         if keys
     ]
     for thread in threads:

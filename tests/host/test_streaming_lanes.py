@@ -58,7 +58,8 @@ def test_lanes_give_the_single_lane_bytes(models, tmp_path, monkeypatch):
 
     monkeypatch.setattr(streaming, "_run_one", recording)
     monkeypatch.setattr(streaming, "_LANE_WINDOW", 2)  # lanes really wait for each other
-    lanes = _merge(tmp_path / "three.safetensors", devices=["cpu", "cpu", "cpu"])
+    # The same file name: the output's name is part of its metadata (modelspec.title).
+    lanes = _merge(tmp_path / "lanes" / "one.safetensors", devices=["cpu", "cpu", "cpu"])
     assert lanes == single
     assert len(lanes_seen) == 3 and all(name.startswith("mergekit-sdxl-lane-") for name in lanes_seen)
 
