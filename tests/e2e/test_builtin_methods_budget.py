@@ -148,8 +148,8 @@ DETERMINISTIC = [
     pytest.param("nearswap", {}, {"t": 0.01}, 1, 0.0, marks=pytest.mark.heavy),
     ("ties", {"weight": 0.5, "density": 0.5}, {}, 3, 0.0),
     pytest.param("breadcrumbs", {"weight": 0.5, "density": 0.6, "gamma": 0.05}, {}, 3, 0.0, marks=pytest.mark.heavy),
-    ("breadcrumbs_ties", {"weight": 0.4, "density": 0.6}, {}, 3, 0.0),
-    ("model_stock", {}, {"filter_wise": True}, 3, 0.0),
+    pytest.param("breadcrumbs_ties", {"weight": 0.4, "density": 0.6}, {}, 3, 0.0, marks=pytest.mark.heavy),
+    pytest.param("model_stock", {}, {"filter_wise": True}, 3, 0.0, marks=pytest.mark.heavy),
     pytest.param("model_stock", {}, {}, 3, 1e-6, marks=pytest.mark.heavy),
     ("sce", {}, {"select_topk": 0.5}, 3, 1e-6),
 ]
