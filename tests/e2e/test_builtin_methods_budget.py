@@ -146,12 +146,12 @@ DETERMINISTIC = [
     ("linear", {"weight": 0.3}, {"weight": 1.0}, 3, 0.0),  # the base is an input of linear too
     pytest.param("task_arithmetic", {"weight": 0.5}, {"lambda": 0.8}, 3, 0.0, marks=pytest.mark.heavy),
     pytest.param("nearswap", {}, {"t": 0.01}, 1, 0.0, marks=pytest.mark.heavy),
-    ("ties", {"weight": 0.5, "density": 0.5}, {}, 3, 0.0),
+    pytest.param("ties", {"weight": 0.5, "density": 0.5}, {}, 3, 0.0, marks=pytest.mark.heavy),
     pytest.param("breadcrumbs", {"weight": 0.5, "density": 0.6, "gamma": 0.05}, {}, 3, 0.0, marks=pytest.mark.heavy),
     pytest.param("breadcrumbs_ties", {"weight": 0.4, "density": 0.6}, {}, 3, 0.0, marks=pytest.mark.heavy),
     pytest.param("model_stock", {}, {"filter_wise": True}, 3, 0.0, marks=pytest.mark.heavy),
     pytest.param("model_stock", {}, {}, 3, 1e-6, marks=pytest.mark.heavy),
-    ("sce", {}, {"select_topk": 0.5}, 3, 1e-6),
+    pytest.param("sce", {}, {"select_topk": 0.5}, 3, 1e-6, marks=pytest.mark.heavy),
 ]
 
 
@@ -179,6 +179,7 @@ def test_keys_read_from_the_files_give_the_same_bytes(inputs, tmp_path, monkeypa
     assert _compare(from_files, in_memory, 0.0)["differ"] == 0
 
 
+@pytest.mark.heavy
 def test_ties_without_dtype_computes_in_float16_like_mergekit(inputs, tmp_path, monkeypatch):
     """No ``dtype:``: mergekit merges fp16 inputs in fp16; so do the chunks."""
     config = tmp_path / "config.yaml"
@@ -191,7 +192,7 @@ def test_ties_without_dtype_computes_in_float16_like_mergekit(inputs, tmp_path, 
 RANDOM = [
     ("dare_ties", {"weight": 0.5, "density": 0.7}),
     pytest.param("dare_linear", {"weight": 0.5, "density": 0.7}, marks=pytest.mark.heavy),
-    ("della", {"weight": 0.5, "density": 0.6, "epsilon": 0.15}),
+    pytest.param("della", {"weight": 0.5, "density": 0.6, "epsilon": 0.15}, marks=pytest.mark.heavy),
     pytest.param("della_linear", {"weight": 0.5, "density": 0.6, "epsilon": 0.15}, marks=pytest.mark.heavy),
 ]
 
