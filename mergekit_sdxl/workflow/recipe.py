@@ -89,21 +89,6 @@ METHOD_PARAMETERS: Dict[str, Dict[str, Any]] = {
         "lambda": 1.0,
         "seed": 240603,
     },
-    # AstolfoMix-XL's DGMLA run (x215a): DELLA drop p=0.1 with epsilon -0.1, otherwise TGMD's.
-    "dgmla": {
-        "drop_method": "della",
-        "drop_rate": 0.1,
-        "epsilon": -0.1,
-        "density": 1.0,
-        "rescale": 0.0,
-        "sign_election": "count",
-        "aggregate": "median",
-        "eps": 1e-6,
-        "maxiter": 100,
-        "ftol": 1e-20,
-        "lambda": 1.0,
-        "seed": 241011,
-    },
     "ties_soup": {
         "drop_rate": 0.0,
         "density": 1.0,
@@ -117,6 +102,14 @@ METHOD_PARAMETERS: Dict[str, Dict[str, Any]] = {
     "geometric_median": {"eps": 1e-6, "maxiter": 100, "ftol": 1e-20},
     # mergekit's own: base + the sum of weight * task vector (the LoRA bake-in; weight = strength)
     "task_arithmetic": {"weight": 1.0, "normalize": False, "lambda": 1.0},
+}
+# AstolfoMix-XL's DGMLA run (x215a): DELLA drop p=0.1 with epsilon -0.1, otherwise TGMD's.
+METHOD_PARAMETERS["dgmla"] = {
+    "drop_method": "della",
+    "drop_rate": 0.1,
+    "epsilon": -0.1,
+    **{k: v for k, v in METHOD_PARAMETERS["tgmd"].items() if k != "drop_rate"},
+    "seed": 241011,
 }
 
 _METHOD_NOTES: Dict[str, str] = {
