@@ -2,7 +2,7 @@
 
 A method's version changes whenever a change to this plugin alters the output bytes of the same
 config on the same inputs (a new default, another mask rule, another order of operations). A
-config pins versions with ``sdxl: {method_version: {tgmd: 1}}``; a version this installation does
+config pins versions with ``sdxl: {method_version: {tgmd: 2}}``; a version this installation does
 not implement is refused with a message naming it (docs/methods.md, "Method versions").
 
 Methods this plugin runs itself (its own, and mergekit's built-ins it merges within the memory
@@ -28,6 +28,8 @@ __all__ = [
     "config_methods",
     "format_method_versions",
     "check_method_versions",
+    "check_pinned_input_count",
+    "GRAM_VERSION_1_MAX_INPUTS",
 ]
 
 MethodVersion = Union[int, str]
@@ -35,10 +37,11 @@ MethodVersion = Union[int, str]
 METHOD_VERSIONS: Mapping[str, int] = MappingProxyType(
     {
         # This plugin's methods (docs/methods.md).
-        "tgmd": 1,
-        "ties_soup": 1,
-        "dgmla": 1,
-        "geometric_median": 1,
+        # 2: the Gram of 129 or more inputs sums its sub-block products by adjacent pairs.
+        "tgmd": 2,
+        "ties_soup": 2,
+        "dgmla": 2,
+        "geometric_median": 2,
         # mergekit's built-ins as mergekit-sdxl merge runs them within the budget (issue 12):
         # mergekit's math on chunks, this plugin's counter-based masks for the random ones.
         "linear": 1,
@@ -57,7 +60,16 @@ METHOD_VERSIONS: Mapping[str, int] = MappingProxyType(
 )
 """The current version of each method whose bytes this plugin defines."""
 
-IMPLEMENTED_VERSIONS: Mapping[str, Tuple[int, ...]] = MappingProxyType({name: (v,) for name, v in METHOD_VERSIONS.items()})
+# Version 1 of the Gram-median methods summed every block's sub-block products by halves, which
+# holds 256 N x N products at once (2 GB at N = 1000); version 2 does the same up to 128 inputs
+# (the same bytes) and sums by adjacent pairs from 129 on (kernels/geomedian.py). So version 1
+# is still run exactly up to this many inputs, and refused beyond.
+GRAM_VERSION_1_MAX_INPUTS = 128
+_GRAM_METHODS = ("tgmd", "ties_soup", "dgmla", "geometric_median")
+
+IMPLEMENTED_VERSIONS: Mapping[str, Tuple[int, ...]] = MappingProxyType(
+    {name: (1, v) if name in _GRAM_METHODS else (v,) for name, v in METHOD_VERSIONS.items()}
+)
 """The versions this installation can still run (an older one stays here only while it is reproducible)."""
 
 _MERGEKIT_PREFIX = "mergekit "
@@ -108,7 +120,7 @@ def _yaml_value(value: MethodVersion) -> str:
 
 
 def format_method_versions(versions: Mapping[str, MethodVersion]) -> str:
-    """YAML flow mapping, e.g. ``{tgmd: 1}``: what configs write after ``method_version:``."""
+    """YAML flow mapping, e.g. ``{tgmd: 2}``: what configs write after ``method_version:``."""
     return "{" + ", ".join(f"{name}: {_yaml_value(v)}" for name, v in versions.items()) + "}"
 
 
@@ -139,3 +151,14 @@ def check_method_versions(pins: Mapping[str, MethodVersion], mergekit_version: O
         installed = mergekit_version or installed_mergekit_version()
         if wanted != _MERGEKIT_PREFIX + installed:
             raise ValueError(f"{name}: pinned to {wanted!r}, but mergekit {installed} is installed (its code decides this method)")
+
+
+def check_pinned_input_count(pins: Mapping[str, MethodVersion], inputs: int) -> None:
+    """Refuse (ValueError, one line) a pin this installation reproduces only for fewer inputs."""
+    for name in _GRAM_METHODS:
+        if pins.get(name) == 1 and inputs > GRAM_VERSION_1_MAX_INPUTS:
+            raise ValueError(
+                f"{name}: version 1 is reproduced only up to {GRAM_VERSION_1_MAX_INPUTS} inputs and this config has "
+                f"{inputs}: pin {name}: {METHOD_VERSIONS[name]} (its Gram sums by adjacent pairs from "
+                f"{GRAM_VERSION_1_MAX_INPUTS + 1} inputs on; docs/methods.md, \"Method versions\")"
+            )

@@ -37,6 +37,7 @@ from typing import (
 import yaml
 
 from mergekit_sdxl.errors import EXIT_USAGE, UsageError
+from mergekit_sdxl.method_versions import check_pinned_input_count
 
 LOG = logging.getLogger(__name__)
 
@@ -1094,6 +1095,18 @@ def _mergekit_config(raw: Dict[str, Any], source: str) -> Any:
 # --------------------------------------------------------------------------- entry point
 
 
+def _check_version_input_count(raw: Dict[str, Any], entries: List[InputEntry], source: str) -> None:
+    sdxl = raw.get("sdxl")
+    pins = sdxl.get("method_version") if isinstance(sdxl, dict) else None
+    if not isinstance(pins, dict):
+        return
+    inputs = sum(1 for e in entries if e.role == "model")
+    try:
+        check_pinned_input_count(pins, inputs)
+    except ValueError as error:
+        raise ConfigError(f"config {source}: sdxl.method_version: {error}") from None
+
+
 def validate_config(
     text: str,
     *,
@@ -1120,6 +1133,7 @@ def validate_config(
     check_dtypes(raw, source)
     config = _mergekit_config(raw, source)
     entries = config_entries(raw, source)
+    _check_version_input_count(raw, entries, source)
     pin_notes: List[str] = []
     pins = parse_pins(text, source, pin_notes)  # logs its own notes
     warnings: List[str] = []

@@ -20,12 +20,20 @@ __all__ = [
     "BlockedGram",
     "GRAM_BLOCK",
     "GRAM_SUBBLOCK",
+    "PAIRWISE_GRAM_MIN_POINTS",
+    "gram_state_bytes",
 ]
 
 # Canonical re-blocking of the element stream. These two numbers define the rounding
 # of every Gram matrix this package produces: changing them changes merged files.
 GRAM_BLOCK = 65536
 GRAM_SUBBLOCK = 256
+
+# How a block's GRAM_BLOCK / GRAM_SUBBLOCK = 256 sub-block products are summed. Up to 128 points:
+# by halves (``_tree_sum``), which needs all 256 N x N products at once (28 MB at N = 117, 2 GB at
+# N = 1000). From 129 points on: by adjacent pairs, depth-first (``_PairSum``), which holds at most
+# 9 of them (72 MB at N = 1000). The rule is part of the bytes (method version 2, docs/methods.md).
+PAIRWISE_GRAM_MIN_POINTS = 129
 
 
 class GeoMedianResult(NamedTuple):
@@ -150,15 +158,66 @@ def _tree_sum(parts: torch.Tensor) -> torch.Tensor:
     return parts[0]
 
 
+class _PairSum:
+    """Sum of products fed in order, by adjacent pairs: a binary counter of partial sums.
+
+    A product pairs with the partial on top when both cover the same number of products; what
+    is left at the end is added from the smallest partial up. The tree depends on the count alone.
+    """
+
+    def __init__(self) -> None:
+        self._stack: List[Tuple[int, torch.Tensor]] = []  # (products covered, their sum)
+
+    def push(self, product: torch.Tensor) -> None:
+        covered, value = 1, product
+        while self._stack and self._stack[-1][0] == covered:
+            _, top = self._stack.pop()
+            value = top.add_(value)
+            covered *= 2
+        self._stack.append((covered, value))
+
+    def peek_total(self) -> Optional[torch.Tensor]:
+        """The same sum as :meth:`pop_total`, leaving the partials as they are."""
+        total: Optional[torch.Tensor] = None
+        for _, part in reversed(self._stack):
+            total = part.clone() if total is None else part + total
+        return total
+
+    def pop_total(self) -> Optional[torch.Tensor]:
+        """The sum of everything pushed (None if nothing was); the sum starts over."""
+        total: Optional[torch.Tensor] = None
+        while self._stack:
+            _, part = self._stack.pop()
+            total = part if total is None else part.add_(total)
+        return total
+
+
+def _subblock_product(sub: torch.Tensor) -> torch.Tensor:
+    """``[B, N, N]`` products of contiguous sub-blocks ``[B, N, S]``."""
+    # One fixed memory layout: bmm picks its kernel (and so its rounding) from the strides. Short
+    # fixed contractions (S = 256): BLAS has no reason to split them across threads, and the
+    # products do not depend on how many are batched.
+    return torch.bmm(sub, sub.transpose(1, 2))
+
+
+def gram_state_bytes(n: int) -> int:
+    """Bytes a block Gram of ``n`` points holds besides its data (the products awaiting their sum)."""
+    live = GRAM_BLOCK // GRAM_SUBBLOCK if n < PAIRWISE_GRAM_MIN_POINTS else 10
+    return (live + 1) * n * n * 8
+
+
 def _block_gram(block: torch.Tensor) -> torch.Tensor:
     """Gram [N, N] float64 of one canonical block [N, L] (L a multiple of GRAM_SUBBLOCK)."""
     n, length = block.shape
-    # One fixed memory layout: bmm picks its kernel (and so its rounding) from the strides.
     sub = block.reshape(n, length // GRAM_SUBBLOCK, GRAM_SUBBLOCK).transpose(0, 1).contiguous()  # [B, N, S]
-    # Short fixed contractions (S = 256): BLAS has no reason to split them across threads,
-    # and the B partials are combined by an explicit tree, not by a reduction kernel.
-    partial = torch.bmm(sub, sub.transpose(1, 2))
-    return _tree_sum(partial)
+    if n < PAIRWISE_GRAM_MIN_POINTS:
+        return _tree_sum(_subblock_product(sub))
+    pairs = _PairSum()
+    for j in range(sub.shape[0]):
+        pairs.push(_subblock_product(sub[j : j + 1])[0])
+    total = pairs.pop_total()
+    assert total is not None
+    return total
 
 
 class GramAccumulator:
@@ -246,7 +305,10 @@ class BlockedGram:
 
     def __init__(self, n: int) -> None:
         self.n = n
-        self._pending = torch.empty(self._PER_BLOCK, n, n, dtype=torch.float64)
+        self._pairwise = n >= PAIRWISE_GRAM_MIN_POINTS
+        # By halves the block's products wait in one reused buffer; by pairs, in a _PairSum.
+        self._pending = torch.empty(0 if self._pairwise else self._PER_BLOCK, n, n, dtype=torch.float64)
+        self._pairs = _PairSum()
         self._filled = 0  # partials of the current block in _pending
         self._next = 0  # global index of the next sub-block expected
         self._total: Optional[torch.Tensor] = None
@@ -264,7 +326,11 @@ class BlockedGram:
         while done < count:
             take = min(count - done, self._PER_BLOCK - self._filled)
             part = subblocks[done : done + take]
-            torch.bmm(part, part.transpose(1, 2), out=self._pending[self._filled : self._filled + take])
+            if self._pairwise:
+                for j in range(take):
+                    self._pairs.push(_subblock_product(part[j : j + 1])[0])
+            else:
+                torch.bmm(part, part.transpose(1, 2), out=self._pending[self._filled : self._filled + take])
             self._filled += take
             done += take
             if self._filled == self._PER_BLOCK:
@@ -276,8 +342,15 @@ class BlockedGram:
         self.add(subblock[None], self._next)
         self._tail = True
 
+    def _block_sum(self, finish: bool) -> torch.Tensor:
+        if self._pairwise:
+            total = self._pairs.pop_total() if finish else self._pairs.peek_total()
+            assert total is not None
+            return total
+        return _tree_sum(self._pending[: self._filled])
+
     def _close_block(self) -> None:
-        g = _tree_sum(self._pending[: self._filled])
+        g = self._block_sum(finish=True)
         if self._total is None:
             self._total = g.clone()
         else:
@@ -288,6 +361,6 @@ class BlockedGram:
         """The Gram matrix [N, N] float64, exactly as ``GramAccumulator.result`` gives it."""
         total = self._total.clone() if self._total is not None else torch.zeros(self.n, self.n, dtype=torch.float64)
         if self._filled:
-            total += _tree_sum(self._pending[: self._filled])
+            total += self._block_sum(finish=False)
         upper = torch.triu(total)
         return upper + torch.triu(total, diagonal=1).T

@@ -116,7 +116,7 @@ class SDXLOptions(BaseModel):
     )
     method_version: Dict[str, Union[StrictInt, StrictStr]] = Field(
         default_factory=dict,
-        description="Pinned meaning of each method, e.g. {tgmd: 1} (mergekit_sdxl/method_versions.py); "
+        description="Pinned meaning of each method, e.g. {tgmd: 2} (mergekit_sdxl/method_versions.py); "
         "a version this installation does not implement is refused.",
     )
 

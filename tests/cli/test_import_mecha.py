@@ -75,7 +75,7 @@ def test_x116a_imports_to_the_reference_tgmd_config(tmp_path, monkeypatch, capsy
     assert config["parameters"] == METHOD_PARAMETERS["tgmd"]
     assert config["parameters"] == yaml.safe_load((CONFIGS / "astolfomix-xl-tgmd.yaml").read_text())["parameters"]
     assert (config["dtype"], config["out_dtype"]) == ("float64", "float16")
-    assert "# method_version: {tgmd: 1}\n" in text
+    assert "# method_version: {tgmd: 2}\n" in text
     assert "# vote semantics: 2024 (inferred: legacy format (no version line)" in text
     assert "#   vote_sgn=1.0 read with 2024 semantics -> sign_election: count\n" in text
 

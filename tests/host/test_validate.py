@@ -378,3 +378,14 @@ def test_stray_pin_comment_is_ignored_with_a_warning():
     warnings: list = []
     assert parse_pins(text, SRC, warnings) == []
     assert warnings == [f"config {SRC}: the sha256 pin at line 4 is not followed by a base_model: or '- model:' line; ignored"]
+
+
+def test_a_version_1_pin_with_more_than_128_inputs_is_refused_before_any_file_is_read():
+    many = tuple(f"m{i:03d}.safetensors" for i in range(129))
+    message = error_of(tgmd(models=many, extra="sdxl: {method_version: {tgmd: 1}}\n"))
+    assert message == (
+        f"config {SRC}: sdxl.method_version: tgmd: version 1 is reproduced only up to 128 inputs and this config has 129: "
+        'pin tgmd: 2 (its Gram sums by adjacent pairs from 129 inputs on; docs/methods.md, "Method versions")'
+    )
+    validate_config(tgmd(models=many[:128], extra="sdxl: {method_version: {tgmd: 1}}\n"), source=SRC, check_files=False)
+    validate_config(tgmd(models=many, extra="sdxl: {method_version: {tgmd: 2}}\n"), source=SRC, check_files=False)

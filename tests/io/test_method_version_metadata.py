@@ -34,7 +34,7 @@ def _versions(recipe: str, method: str, mergekit_version: str = "0.1.5"):
 def test_the_method_and_every_component_method_are_recorded():
     # clip_l is copied (no method), clip_g merged by linear, the UNet by the top level's tgmd.
     assert _versions(PER_COMPONENT, "tgmd") == {"tgmd": METHOD_VERSIONS["tgmd"], "linear": METHOD_VERSIONS["linear"]}
-    assert _versions("merge_method: dgmla\n", "dgmla") == {"dgmla": 1}
+    assert _versions("merge_method: dgmla\n", "dgmla") == {"dgmla": 2}
 
 
 def test_a_method_of_mergekit_itself_is_versioned_by_the_mergekit_that_ran_it():
@@ -43,7 +43,7 @@ def test_a_method_of_mergekit_itself_is_versioned_by_the_mergekit_that_ran_it():
 
 
 def test_a_recipe_that_is_not_yaml_still_records_the_method():
-    assert _versions("{not yaml: [", "tgmd") == {"tgmd": 1}
+    assert _versions("{not yaml: [", "tgmd") == {"tgmd": 2}
 
 
 def test_read_back_from_a_file(tmp_path):
@@ -51,7 +51,7 @@ def test_read_back_from_a_file(tmp_path):
     out = tmp_path / "merged.safetensors"
     save_file({"x": torch.zeros(2)}, str(out), metadata=meta)
     prov = read_provenance(read_header(out).metadata)
-    assert prov is not None and prov["method_version"] == {"tgmd": 1, "linear": 1}
+    assert prov is not None and prov["method_version"] == {"tgmd": 2, "linear": 1}
     # Files written before the key existed read as None, not as an error.
     old = {k: v for k, v in meta.items() if k != "mergekit_sdxl.method_version"}
     assert read_provenance(old)["method_version"] is None  # type: ignore[index]

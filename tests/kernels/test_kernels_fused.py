@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from mergekit_sdxl.kernels import tgmd_fused
-from mergekit_sdxl.kernels.geomedian import GRAM_SUBBLOCK, BlockedGram, GramAccumulator
+from mergekit_sdxl.kernels.geomedian import (
+    GRAM_SUBBLOCK,
+    PAIRWISE_GRAM_MIN_POINTS,
+    BlockedGram,
+    GramAccumulator,
+    gram_state_bytes,
+)
 from mergekit_sdxl.kernels.tgmd import TGMDParams, merge_task_vectors, tensor_reader, tgmd_merge
 
 pytestmark = pytest.mark.skipif(not tgmd_fused.fused_available(), reason="numba not importable")
@@ -109,9 +115,10 @@ def test_non_finite_model_is_left_out_as_in_the_reference():
     assert "rows 9:18" in calls["fused"][0][1]
 
 
-def test_blocked_gram_equals_gram_accumulator():
+@pytest.mark.parametrize("n", [5, PAIRWISE_GRAM_MIN_POINTS])
+def test_blocked_gram_equals_gram_accumulator(n):
     g = torch.Generator().manual_seed(4)
-    n, total = 5, 3 * 65536 + 1000
+    total = 3 * 65536 + 1000
     data = torch.randn(n, total, generator=g, dtype=F64)
     acc = GramAccumulator(n)
     for start in range(0, total, 40000):
@@ -125,9 +132,67 @@ def test_blocked_gram_equals_gram_accumulator():
     rest = total - full * GRAM_SUBBLOCK
     tail[:, :rest] = data[:, full * GRAM_SUBBLOCK :]
     blocked.add_tail(tail)
-    assert torch.equal(blocked.result(), acc.result())
+    result = blocked.result()
+    assert torch.equal(result, acc.result())
+    assert torch.equal(blocked.result(), result)  # result() leaves the accumulator as it was
     with pytest.raises(ValueError):
         blocked.add(sub[:1], 0)
+
+
+def _perfect_pairs(parts):
+    if len(parts) == 1:
+        return parts[0].clone()
+    half = len(parts) // 2
+    return _perfect_pairs(parts[:half]) + _perfect_pairs(parts[half:])
+
+
+def _adjacent_pair_gram(data: torch.Tensor) -> torch.Tensor:
+    """The pairwise rule of docs/methods.md, written out: per 65536-element block, the 256-element
+    sub-block products summed by perfect adjacent-pair trees over the runs given by the binary
+    digits of their count (largest run first), the runs added from the smallest up; blocks in order."""
+    n, total = data.shape
+    padded = torch.nn.functional.pad(data, (0, -total % GRAM_SUBBLOCK))
+    products = [torch.bmm(s[None], s[None].transpose(1, 2))[0] for s in padded.split(GRAM_SUBBLOCK, dim=1)]
+    gram = None
+    for b in range(0, len(products), 256):
+        block = products[b : b + 256]
+        runs, start = [], 0
+        for bit in reversed(range(9)):
+            if len(block) & (1 << bit):
+                runs.append(_perfect_pairs(block[start : start + (1 << bit)]))
+                start += 1 << bit
+        s = runs.pop()
+        while runs:
+            s = runs.pop() + s
+        gram = s if gram is None else gram + s
+    upper = torch.triu(gram)
+    return upper + torch.triu(gram, diagonal=1).T
+
+
+def test_gram_of_many_points_sums_sub_blocks_by_adjacent_pairs():
+    g = torch.Generator().manual_seed(9)
+    n, total = PAIRWISE_GRAM_MIN_POINTS + 3, 65536 + 7 * 256 + 100  # a full block, then 7 + 1 sub-blocks
+    data = torch.randn(n, total, generator=g, dtype=F64) * torch.rand(n, 1, generator=g, dtype=F64)
+    acc = GramAccumulator(n)
+    for start in range(0, total, 30001):
+        acc.update(data[:, start : start + 30001])
+    assert torch.equal(acc.result(), _adjacent_pair_gram(data))
+    # Below the threshold the halves tree stays (method version 1's bytes): it is another rounding.
+    few = data[:5]
+    small = GramAccumulator(5)
+    small.update(few)
+    assert not torch.equal(small.result(), _adjacent_pair_gram(few))
+    assert gram_state_bytes(1000) < 100 * 2**20 < gram_state_bytes(128) * 10
+
+
+def test_fused_equals_torch_with_many_inputs():
+    n = PAIRWISE_GRAM_MIN_POINTS + 1
+    base, models = _inputs(n, (300, 257), seed=3, absent=(7,))
+    p = TGMDParams(drop_rate=[0.1] * n, density=[1.0] * n, weight=[1.0] * n, seed=240603)
+    for compute in (torch.float64, torch.float32):
+        ref = tgmd_merge(base, models, p, compute, rows_per_chunk=97, out_dtype=torch.float16, kernel="torch")
+        got = tgmd_merge(base, models, p, compute, rows_per_chunk=61, out_dtype=torch.float16, kernel="fused")
+        assert _same(ref, got), compute
 
 
 def test_kept_rows_are_read_once_within_reuse_bytes():

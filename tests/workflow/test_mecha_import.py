@@ -223,7 +223,7 @@ def test_reference_tgmd_recipe(tmp_path):
     assert (config["dtype"], config["out_dtype"]) == ("float64", "float16")
     text = imp.yaml_text
     assert text.startswith("# mergekit-sdxl recipe: tgmd imported from sd-mecha recipe r.mecha (legacy format")
-    assert "# method_version: {tgmd: 1}\n" in text
+    assert "# method_version: {tgmd: 2}\n" in text
     assert "# vote semantics: 2024 (inferred: legacy format" in text
     assert "a zero task vector among the inputs (a model minus itself, line 5" in text and "over the 2 other models" in text
 
@@ -242,7 +242,7 @@ def test_della_eps_makes_dgmla(tmp_path):
     p = config["parameters"]
     assert (p["drop_method"], p["drop_rate"], p["epsilon"], p["rescale"]) == ("della", 0.1, -0.1, 0.0)
     assert (p["sign_election"], p["aggregate"], p["seed"], p["lambda"]) == ("count", "median", 241011, 1.0)
-    assert "# method_version: {dgmla: 1}" in imp.yaml_text
+    assert "# method_version: {dgmla: 2}" in imp.yaml_text
 
 
 @pytest.mark.parametrize(

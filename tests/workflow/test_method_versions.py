@@ -9,8 +9,10 @@ from pydantic import ValidationError
 
 from mergekit_sdxl.io.provenance import InputInfo
 from mergekit_sdxl.method_versions import (
+    GRAM_VERSION_1_MAX_INPUTS,
     METHOD_VERSIONS,
     check_method_versions,
+    check_pinned_input_count,
     config_methods,
     format_method_versions,
     installed_mergekit_version,
@@ -25,19 +27,22 @@ def _info(name: str, role: str) -> InputInfo:
 
 
 def test_the_plugins_methods_and_the_budgeted_builtins_have_integer_versions():
-    for name in ("tgmd", "ties_soup", "dgmla", "geometric_median", "della", "della_linear", "dare_ties", "ties"):
+    for name in ("tgmd", "ties_soup", "dgmla", "geometric_median"):
+        assert METHOD_VERSIONS[name] == 2
+    for name in ("della", "della_linear", "dare_ties", "ties"):
         assert METHOD_VERSIONS[name] == 1
     # A method of mergekit itself is its code in the installed mergekit.
-    assert method_versions(["slerp", "tgmd", "slerp"], "0.1.5") == {"slerp": "mergekit 0.1.5", "tgmd": 1}
+    assert method_versions(["slerp", "tgmd", "slerp"], "0.1.5") == {"slerp": "mergekit 0.1.5", "tgmd": 2}
 
 
 @pytest.mark.parametrize(
     "pins, message",
     [
-        ({"tgmd": 2}, "tgmd: version 2 is not implemented by this mergekit-sdxl (it runs version 1); "
+        ({"tgmd": 3}, "tgmd: version 3 is not implemented by this mergekit-sdxl (it runs version 1, 2); "
                       "the config was written for a newer one"),
+        ({"linear": 2}, "linear: version 2 is not implemented by this mergekit-sdxl (it runs version 1)"),
         ({"tgmd": 0}, "written for an older one"),
-        ({"tgmd": "mergekit 0.1.5"}, "tgmd: this plugin versions it itself: write tgmd: 1"),
+        ({"tgmd": "mergekit 0.1.5"}, "tgmd: this plugin versions it itself: write tgmd: 2"),
         ({"slerp": 1}, "slerp: not a method this plugin versions"),
         ({"slerp": "mergekit 0.0.1"}, "slerp: pinned to 'mergekit 0.0.1', but mergekit"),
         ({"tgmd": True}, "tgmd: a method version is an integer"),
@@ -48,6 +53,15 @@ def test_a_pin_this_installation_does_not_implement_is_refused(pins, message):
         check_method_versions(pins)
     with pytest.raises(ValidationError, match="method_version"):
         SDXLOptions.model_validate({"method_version": pins})
+
+
+def test_version_1_of_the_gram_methods_is_run_up_to_128_inputs():
+    for method in ("tgmd", "ties_soup", "dgmla", "geometric_median"):
+        check_method_versions({method: 1})
+        check_pinned_input_count({method: 1}, GRAM_VERSION_1_MAX_INPUTS)
+        check_pinned_input_count({method: 2}, 1000)
+        with pytest.raises(ValueError, match=f"{method}: version 1 is reproduced only up to 128 inputs and this config has 129"):
+            check_pinned_input_count({method: 1}, 129)
 
 
 def test_the_current_versions_are_accepted():

@@ -117,7 +117,7 @@ def test_recipe_yaml_parses_pins_and_orders(folder, cache):
                                  "aggregate": "median", "eps": 1e-6, "maxiter": 100, "ftol": 1e-20,
                                  "lambda": 1.0, "seed": 240603}
     assert doc["dtype"] == "float64" and doc["out_dtype"] == "float16"
-    assert doc["sdxl"] == {"method_version": {"tgmd": 1}}  # the pin of the method's meaning, nothing else
+    assert doc["sdxl"] == {"method_version": {"tgmd": 2}}  # the pin of the method's meaning, nothing else
     # each model line is preceded by its pin comment, equal to hashlib of the file
     lines = res.yaml_text.splitlines()
     pin = re.compile(r"^\s*# sha256: ([0-9a-f]{64})  autov2: ([0-9a-f]{10})  size: (\d+)$")
@@ -141,7 +141,7 @@ def test_nan_file_kept_without_scan_and_vpred_with_allow(folder, cache):
     kept = [Path(i.path).name for i in res.kept]
     assert "g_nan.safetensors" in kept and "c_vpred.safetensors" in kept
     doc = yaml.safe_load(res.yaml_text)
-    assert doc["sdxl"] == {"method_version": {"ties_soup": 1}, "allow_vpred_mix": True}
+    assert doc["sdxl"] == {"method_version": {"ties_soup": 2}, "allow_vpred_mix": True}
     assert doc["merge_method"] == "ties_soup" and doc["parameters"]["aggregate"] == "mean" and doc["parameters"]["drop_rate"] == 0.0
 
 
