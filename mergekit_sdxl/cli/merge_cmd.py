@@ -6,12 +6,13 @@ supplies all of ``mergekit-yaml``'s options unchanged.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import click
 
@@ -77,14 +78,44 @@ def report_result(result, echo=click.echo) -> None:
     echo(f"AutoV2 {write.autov2}")
 
 
+def _report_reads(config_file: str, out_path: str) -> List[Tuple[str, str]]:
+    """``(path, what)`` of every file a merge with ``--report`` reads or writes, for the folder checks."""
+    from mergekit_sdxl.host.driver import input_paths, load_config, read_config_text
+
+    loaded = load_config(read_config_text(config_file), None, source=config_file)
+    reads = [(path, f"the {role} input") for path, role in input_paths(loaded.config, loaded.sdxl)]
+    return [*reads, (config_file, "the config file"), (out_path, "the merge output")]
+
+
 def _check_report_dir(report_dir: str, config_file: str, out_path: str) -> None:
     """Refuse a report folder that would write over an input or the output, before the merge."""
-    from mergekit_sdxl.host.driver import read_config_text
-    from mergekit_sdxl.host.report_pass import prepare_report
     from mergekit_sdxl.io.report_files import prepare_report_dir
 
-    job = prepare_report(read_config_text(config_file), source=config_file)
-    prepare_report_dir(Path(report_dir), [*job.reads(), (out_path, "the merge output")])
+    prepare_report_dir(Path(report_dir), _report_reads(config_file, out_path))
+
+
+def _write_recorded_report(result: Any, report_dir: str, config_file: str, out_path: str, overrides: Dict[str, Any]) -> Path:
+    """Write the report the merge collected; keys an earlier run of a resumed merge wrote are
+    added by a pass over them (inputs and the finished output)."""
+    from mergekit_sdxl.host.driver import read_config_text
+    from mergekit_sdxl.io.report_files import write_report
+
+    recorder = result.report
+    collector = recorder.collector
+    missing = [k for k in recorder.resumed if k not in recorder.seen]
+    if missing:
+        from mergekit_sdxl.errors import UserError
+        from mergekit_sdxl.host.report_pass import add_keys_from_output, prepare_report
+
+        try:
+            job = prepare_report(read_config_text(config_file), source=config_file, overrides=overrides, merged=out_path)
+            add_keys_from_output(job, collector, missing)
+            collector.statistics_from += f"; {len(missing)} keys written by an earlier run of this resumed merge: a pass over them"
+        except UserError as error:
+            LOG.warning("report: %d keys written by an earlier run are left out of the report (%s)", len(missing), error)
+    if recorder.reread_bytes:
+        LOG.info("report: %.1f MB read again for rows the merge did not read for every input together", recorder.reread_bytes / 1e6)
+    return write_report(Path(report_dir), collector.build(), _report_reads(config_file, out_path))
 
 
 @click.command("merge")
@@ -155,19 +186,26 @@ def merge_command(
         allow_base_in_models=allow_base_in_models,
         keep_paths=keep_paths,
         ray=ray,
+        collect_report=report_dir is not None,
     )
     report_result(result)
     if report_dir is not None:
-        from mergekit_sdxl.cli.report_cmd import write_merge_report
+        from mergekit_sdxl.cli.report_cmd import summary_lines, write_merge_report
 
-        # The statistics come from a pass over the inputs (mostly from the page cache by now)
-        # and the block change from the output just written.
-        page = write_merge_report(
-            read_config_text(config_file),
-            Path(report_dir),
-            source=config_file,
-            merged=out_path,
-            overrides=overrides,
-            quiet=merge_options.quiet,
-        )
+        if result.report is not None:
+            page = _write_recorded_report(result, report_dir, config_file, out_path, overrides)
+            report = json.loads((page.parent / "report.json").read_text())
+            for line in summary_lines(report):
+                click.echo("    " + line)
+        else:
+            # With Ray the keys are merged in other processes: a pass over the inputs (mostly
+            # from the page cache by now) and the output just written.
+            page = write_merge_report(
+                read_config_text(config_file),
+                Path(report_dir),
+                source=config_file,
+                merged=out_path,
+                overrides=overrides,
+                quiet=merge_options.quiet,
+            )
         click.echo(f"report written to {printable(page)}")

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
@@ -26,6 +26,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, 
 from mergekit_sdxl.errors import OutputError, UsageError, UserError
 from mergekit_sdxl.host.checkpoint import is_checkpoint_file
 from mergekit_sdxl.host.merge_planning import plan_merge
+from mergekit_sdxl.host.merge_report import MergeReportRecorder, new_recorder, recording
 from mergekit_sdxl.host.mergekit_api import MergeConfiguration, MergeOptions, mergekit_version
 from mergekit_sdxl.host.planner import SDXLRules
 from mergekit_sdxl.host.plugin import register_all
@@ -76,6 +77,7 @@ class MergeResult:
     keys: int
     bytes_read: int
     seconds: float
+    report: Optional[MergeReportRecorder] = None  # the statistics merge(report=True) collected
 
 
 @dataclass
@@ -174,6 +176,7 @@ def run_sdxl_merge(
     keep_paths: bool = False,
     devices: Optional[Sequence[str]] = None,
     ray: Optional[RaySettings] = None,
+    collect_report: bool = False,
 ) -> MergeResult:
     """Merge SDXL checkpoints into one safetensors file.
 
@@ -184,7 +187,8 @@ def run_sdxl_merge(
     the output's lock is taken (one merge per output at a time). ``devices``: merge keys on
     these devices at once (``--multi-gpu`` gives every CUDA device); the bytes are those of a
     merge on one device of that kind. ``ray``: merge the keys as jobs on a Ray cluster
-    (``host/ray_merge.py``), to the same bytes.
+    (``host/ray_merge.py``), to the same bytes. ``collect_report``: collect the merge report's statistics
+    from the merge's own reads (``host/merge_report.py``; not with ``ray``), in ``MergeResult.report``.
     """
     started = time.monotonic()
     if ray is not None:
@@ -195,6 +199,8 @@ def run_sdxl_merge(
     label = source or "(given as text)"
     with _phase("validate"):
         loaded, roles, validated = _checked_inputs(config_text, out_path, overrides, source, label, allow_base_in_models)
+        if collect_report and ray is None:
+            _check_reportable(loaded, label)
     with OutputLock(out_path):
         with _phase("preflight"):
             report = _preflight(loaded, roles, preflight_scan)
@@ -212,7 +218,8 @@ def run_sdxl_merge(
             plan = MemoryPlan(budget_bytes=budget, adjust_threads=not lanes)
             checkpoints = [p for p, role in roles if role != "lora"]
             with _phase("plan"):
-                planned = plan_merge(loaded.config, options, SDXLRules(options=loaded.sdxl, plan=plan), checkpoints)
+                rules = SDXLRules(options=loaded.sdxl, plan=plan, report=collect_report and ray is None)
+                planned = plan_merge(loaded.config, options, rules, checkpoints)
             provenance = _Provenance(loaded, roles, report, out_path, keep_paths, hasher, contents.possible_copies)
             writer = StreamingCheckpointWriter.open_or_resume(
                 out_path,
@@ -224,12 +231,14 @@ def run_sdxl_merge(
             )
             _check_free_space(writer)
             start, worker_bytes = bytes_read(), 0
+            recorder = new_recorder(loaded.config, plan, vae_merged=loaded.sdxl.vae.source == "merge") if collect_report and ray is None else None
             with writer:
                 with _phase("merge"):
                     if ray is None:
-                        stream_merge(
-                            writer, planned.targets, device=options.device or "cpu", quiet=options.quiet, devices=lanes
-                        )
+                        with recording(recorder) if recorder is not None else nullcontext():
+                            stream_merge(
+                                writer, planned.targets, device=options.device or "cpu", quiet=options.quiet, devices=lanes
+                            )
                     else:
                         run = ray_stream_merge(writer, planned.targets, options=options, settings=ray, budget=budget)
                         worker_bytes = run.bytes_read
@@ -249,7 +258,15 @@ def run_sdxl_merge(
         keys=len(planned.entries),
         bytes_read=bytes_read() - start + worker_bytes,
         seconds=time.monotonic() - started,
+        report=recorder,
     )
+
+
+def _check_reportable(loaded: LoadedConfig, label: str) -> None:
+    try:
+        new_recorder(loaded.config, MemoryPlan(), vae_merged=False)
+    except ValueError as error:
+        raise UsageError(f"config {label}: --report: {error}") from None
 
 
 @contextmanager

@@ -31,6 +31,7 @@ from mergekit_sdxl.host.mergekit_api import (
 from mergekit_sdxl.kernels.memory_plan import MemoryPlan, compute_dtype_for
 from mergekit_sdxl.kernels.tgmd import (
     InputValuesError,
+    MedianObserver,
     TGMDParams,
     merge_geometric_median,
     merge_task_vectors,
@@ -141,6 +142,7 @@ class ReaderInputs:
     models: Tuple[RowReader, ...]
     model_keys: Tuple[str, ...]  # mask_identity of each model
     labels: Tuple[str, ...]  # for messages
+    on_median: Optional[MedianObserver] = None  # told a median's coefficients (merge --report)
 
 
 def _bad_input_handler(inputs: ReaderInputs, policy: str) -> Callable[[int, str], None]:
@@ -280,6 +282,7 @@ class TaskVectorMedianMethod(ChunkedMergeMethod):
                 out_dtype=out_dtype,
                 on_bad_input=_bad_input_handler(inputs, shared["on_nonfinite"]),
                 reuse_bytes=reuse_bytes,
+                on_median=inputs.on_median,
             )
 
 
@@ -323,6 +326,7 @@ class GeometricMedianMethod(ChunkedMergeMethod):
                 out_dtype=out_dtype,
                 on_bad_input=_bad_input_handler(inputs, shared["on_nonfinite"]),
                 reuse_bytes=reuse_bytes,
+                on_median=inputs.on_median,
             )
 
 

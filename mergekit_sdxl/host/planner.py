@@ -65,6 +65,9 @@ class SDXLRules:
 
     options: SDXLOptions = field(default_factory=SDXLOptions)
     plan: MemoryPlan = field(default_factory=MemoryPlan)
+    # merge --report: mergekit's elementwise methods run in a MergeKeyTask even when the key fits
+    # (the same bytes), so that the report sees their reads (host/merge_report.py).
+    report: bool = False
 
 
 class SDXLMergePlanner(MergePlanner):
@@ -283,7 +286,7 @@ def _plan_sdxl_tensor(
             ),
         }
     )
-    planned[-1] = (w, _key_task(planner, task, ours, rules.plan))
+    planned[-1] = (w, _key_task(planner, task, ours, rules.plan, rules.report))
 
 
 # A plan holds one task per key with N per-model WeightInfos and parameter maps; they are equal
@@ -302,7 +305,7 @@ def _intern_map(table: Dict[Any, Any], parameters: Any) -> Any:
     return _intern(table, parameters, key)
 
 
-def _key_task(planner: Any, task: ExecuteMergeMethodTask, ours: bool, plan: MemoryPlan) -> Any:
+def _key_task(planner: Any, task: ExecuteMergeMethodTask, ours: bool, plan: MemoryPlan, report: bool = False) -> Any:
     """The task that merges this key: a MergeKeyTask under the plan (this plugin's methods;
     mergekit's elementwise ones when the key does not fit; under a budget, mergekit's built-ins
     with per-tensor statistics, host/budgeted_methods.py), or mergekit's own task."""
@@ -334,7 +337,7 @@ def _key_task(planner: Any, task: ExecuteMergeMethodTask, ours: bool, plan: Memo
     # Our methods and the budgeted built-ins compute in chunks from stored inputs: only the stored
     # bytes must fit.
     whole = plan.merge_whole(shape, n, compute, stored if ours or builtin else None)
-    if whole and elementwise:
+    if whole and elementwise and not report:
         return task  # mergekit runs its elementwise method on the whole tensors itself
     if not ours:
         # mergekit casts whole inputs to the config dtype in the gather; here they stay as stored

@@ -40,33 +40,25 @@ from tqdm.auto import tqdm
 from mergekit_sdxl.errors import InputDataError, UsageError
 from mergekit_sdxl.host.checkpoint import SDXLCheckpointLoader, checkpoint_index, is_checkpoint_file
 from mergekit_sdxl.host.driver import LoadedConfig, input_paths, load_config
+from mergekit_sdxl.host.merge_report import is_merged_key
 from mergekit_sdxl.host.plugin import register_all
 from mergekit_sdxl.host.validate import validate_config
 from mergekit_sdxl.kernels.geomedian import weiszfeld_gram
 from mergekit_sdxl.kernels.memory_plan import MemoryPlan
 from mergekit_sdxl.kernels.tgmd import rows_cols
 from mergekit_sdxl.sdxl.families import MERGEABLE_FAMILIES
-from mergekit_sdxl.sdxl.keys import POSITION_IDS_KEY
 from mergekit_sdxl.sdxl.manifest import SDXL_KEYS, component_of
 from mergekit_sdxl.workflow.preflight import preflight
 from mergekit_sdxl.workflow.report_stats import MEDIAN_METHODS, KeyAccumulator, ReportCollector, report_block_of
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["ReportJob", "prepare_report", "run_report", "is_merged_key"]
+__all__ = ["ReportJob", "prepare_report", "run_report", "add_keys_from_output", "is_merged_key"]
 
 RowsOf = Callable[[int, int], torch.Tensor]
 
 _FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 _DEFAULT_AGGREGATE = {"tgmd": "median", "ties_soup": "mean", "dgmla": "median", "geometric_median": "median"}
-
-
-def is_merged_key(name: str, vae_merged: bool) -> bool:
-    """Whether the merge merges this key (the planner's SDXL rules, host/planner.py)."""
-    component = component_of(name)
-    if component is None or name == POSITION_IDS_KEY or name.endswith(".logit_scale"):
-        return False
-    return component != "vae" or vae_merged
 
 
 @dataclass(frozen=True)
@@ -335,3 +327,24 @@ def run_report(job: ReportJob, *, quiet: bool = True) -> Dict[str, object]:
         if merged_loader is not None:
             merged_loader.close()
     return collector.build()
+
+
+def add_keys_from_output(job: ReportJob, collector: ReportCollector, names: Sequence[str]) -> None:
+    """Add the given keys to ``collector`` by a pass over them, the block change from ``job.merged``
+    (for keys a resumed merge wrote in an earlier run, which the merge's recorder never saw)."""
+    if job.merged is None:
+        raise ValueError("add_keys_from_output needs the finished merge (job.merged)")
+    if collector.n != len(job.models):
+        raise ValueError(f"the report has {collector.n} inputs, the config {len(job.models)}")
+    view = _method_view(job)
+    shapes = dict(_merged_keys(job))
+    inputs = _Inputs(job.base, job.models)
+    merged_loader = SDXLCheckpointLoader(checkpoint_index(job.merged))
+    try:
+        for name in names:
+            shape = shapes[name]
+            rows = _file_rows(job, merged_loader, name, shape)
+            collector.add_key(name, **_key_statistics(inputs, name, shape, rows, view, job.plan))
+    finally:
+        inputs.close()
+        merged_loader.close()

@@ -7,6 +7,7 @@ keys in flight.
 
 from __future__ import annotations
 
+import contextvars
 import queue
 import threading
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -17,8 +18,9 @@ from tqdm.auto import tqdm
 from mergekit_sdxl.errors import InputDataError
 from mergekit_sdxl.host.checkpoint import SDXLCheckpointLoader
 from mergekit_sdxl.host.merge_planning import expected_read_bytes, models_of
+from mergekit_sdxl.host.merge_report import active_recorder
 from mergekit_sdxl.host.mergekit_api import Executor, LoaderCache
-from mergekit_sdxl.host.tasks import LANE_DEVICE, OutputTensor
+from mergekit_sdxl.host.tasks import LANE_DEVICE, MergeKeyTask, OutputTensor
 from mergekit_sdxl.io.writer import StreamingCheckpointWriter
 
 
@@ -88,6 +90,11 @@ def stream_merge(
     """
     done = set(writer.completed_names())
     pending = [(name, task) for name, task in targets if name not in done]
+    recorder = active_recorder()
+    if recorder is not None:  # merged keys an earlier run wrote: the report must get them elsewhere
+        recorder.note_resumed(
+            [name for name, task in targets if name in done and isinstance(task.tensor_task, MergeKeyTask)]
+        )
     expected_bytes = expected_read_bytes(pending)
     order = writer.pending_names()
     planned = {name for name, _ in pending}
@@ -172,7 +179,13 @@ def _run_lanes(pending: Sequence[Tuple[str, OutputTensor]], devices: List[str]) 
             results.put(("", None, error))
 
     threads = [
-        threading.Thread(target=lane, args=(keys, device, number), name=f"mergekit-sdxl-lane-{number}-{device}", daemon=True)
+        # Each lane runs in a copy of this context: it sees the merge's report recorder, if any.
+        threading.Thread(
+            target=contextvars.copy_context().run,
+            args=(lane, keys, device, number),
+            name=f"mergekit-sdxl-lane-{number}-{device}",
+            daemon=True,
+        )
         for number, (keys, device) in enumerate(zip(lanes, devices, strict=True))
         if keys
     ]

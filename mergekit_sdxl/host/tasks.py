@@ -11,6 +11,7 @@ import torch
 from mergekit_sdxl.errors import InputDataError
 from mergekit_sdxl.host.budgeted_methods import BuiltinKey, merge_builtin
 from mergekit_sdxl.host.lora_model import abstain_untouched
+from mergekit_sdxl.host.merge_report import KeyRecording, active_recorder
 from mergekit_sdxl.host.mergekit_api import (
     ExecuteMergeMethodTask,
     GatherTensors,
@@ -155,6 +156,13 @@ class MergeKeyTask(Task[Optional[torch.Tensor]]):
         if isinstance(method, ChunkedMergeMethod) and method.uses_base():
             # LoRA models that leave this key alone: zero task vectors, nothing read.
             readers = abstain_untouched(readers, task.base_model, task.output_weight.name)
+        recorder = active_recorder()
+        report = None
+        if recorder is not None:
+            name = task.output_weight.name
+            report = recorder.start_key(name, self.shape, readers, lambda: _file_rows(LoaderCache().get(recorder.base), name, "cpu"))
+        if report is not None:
+            readers = report.wrap(readers)
         compute = compute_dtype_for(dtype_from_name(task.dtype))
         out_dtype = dtype_from_name(task.out_dtype)
         numel = 1
@@ -164,8 +172,12 @@ class MergeKeyTask(Task[Optional[torch.Tensor]]):
         work = numel * len(readers) if isinstance(method, ChunkedMergeMethod) else numel
         with self.plan.threads_for(work):
             if isinstance(method, ChunkedMergeMethod):
-                return self._merge_readers(method, readers, compute, out_dtype)
-            return self._builtin(method, readers, out_dtype)
+                merged = self._merge_readers(method, readers, compute, out_dtype, report)
+            else:
+                merged = self._builtin(method, readers, out_dtype)
+            if report is not None:
+                report.finish()
+        return merged
 
     def _file_readers(self) -> Dict[ModelReference, Optional[RowReader]]:
         weight_info = self.merge.gather_tensors.weight_info
@@ -198,6 +210,7 @@ class MergeKeyTask(Task[Optional[torch.Tensor]]):
         readers: Dict[ModelReference, Optional[RowReader]],
         compute: torch.dtype,
         out_dtype: Optional[torch.dtype],
+        report: Optional[KeyRecording] = None,
     ) -> torch.Tensor:
         task = self.merge
         name = task.output_weight.name
@@ -213,6 +226,7 @@ class MergeKeyTask(Task[Optional[torch.Tensor]]):
             models=tuple(readers[m] for m in others),  # type: ignore[misc]
             model_keys=tuple(mask_identity(m) for m in others),
             labels=tuple(mask_identity(m) for m in others),
+            on_median=report.median_found(others) if report is not None else None,
         )
         bound = bind_parameters(
             method.spec, dict(task.parameters.items()), lambda model, key: task.input_parameters[model][key], others
@@ -270,4 +284,7 @@ class OutputTensor(Task[Optional[torch.Tensor]]):
                 f"key {self.name}: merged values are NaN/inf or outside the range of {tensor.dtype}; "
                 "nothing was clamped. Check the inputs with `mergekit-sdxl inspect --scan`."
             )
+        recorder = active_recorder()
+        if recorder is not None:
+            recorder.saved(self.name, tensor)
         return tensor.cpu()

@@ -111,6 +111,10 @@ class TGMDParams:
         return any(self.della(i) for i in range(len(self.drop_rate)))
 
 
+MedianObserver = Callable[[List[int], torch.Tensor], None]
+"""``on_median(active, coeffs)``: the median's float64 coefficients, ``coeffs[j]`` of model ``active[j]``."""
+
+
 def rows_cols(shape: Sequence[int]) -> Tuple[int, int]:
     """How a tensor is viewed for row chunking: rows = shape[0] (1 for 0-d), cols = numel // rows."""
     shape = tuple(shape)
@@ -187,6 +191,7 @@ class _Context:
         rows_per_chunk: int,
         device,
         reuse_bytes: int = 0,
+        on_median: Optional[MedianObserver] = None,
     ) -> None:
         if compute_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"compute_dtype must be float32 or float64, got {compute_dtype}")
@@ -202,6 +207,12 @@ class _Context:
         self.reuse_bytes = max(0, int(reuse_bytes))
         self._kept: Dict[Tuple[int, int, int], torch.Tensor] = {}
         self._kept_bytes = 0
+        self._on_median = on_median
+
+    def median_found(self, active: Sequence[int], coeffs: torch.Tensor) -> None:
+        """Tell the observer the median's coefficients (``coeffs[j]`` of model ``active[j]``)."""
+        if self._on_median is not None:
+            self._on_median(list(active), coeffs)
 
     def chunks(self) -> Iterator[Tuple[int, int]]:
         return _row_chunks(self.rows, self.rows_per_chunk)
@@ -311,6 +322,7 @@ def merge_task_vectors(
     device=None,
     kernel: Optional[str] = None,
     reuse_bytes: int = 0,
+    on_median: Optional[MedianObserver] = None,
 ) -> torch.Tensor:
     """TGMD and its relatives (TIES, TIES-SOUP, TSD, DARE-TIES) for one tensor.
 
@@ -323,12 +335,13 @@ def merge_task_vectors(
     the torch reference elsewhere; ``fused`` / ``torch`` force one. Both give the same bytes.
     DELLA masks (``params.uses_della()``) are drawn by the torch reference only, whatever ``kernel``.
     ``reuse_bytes``: how much of the rows read by the first pass may be kept for the second
-    (readers over files; 0 for in-memory readers).
+    (readers over files; 0 for in-memory readers). ``on_median(active, coeffs)`` is called with
+    the median's coefficients when the aggregate is the median (the merge report's weights).
     """
     n = len(models)
     if len(model_keys) != n or len(params.drop_rate) != n:
         raise ValueError(f"{tensor_name}: {n} models but {len(model_keys)} keys and {len(params.drop_rate)} parameter sets")
-    ctx = _Context(tensor_name, shape, compute_dtype, rows_per_chunk, device, reuse_bytes)
+    ctx = _Context(tensor_name, shape, compute_dtype, rows_per_chunk, device, reuse_bytes, on_median)
     out_dtype = out_dtype or compute_dtype
     # Explicit masks and DELLA's rank-dependent ones exist in the torch reference only.
     chosen = resolve_kernel(kernel, ctx.device, masks is not None or params.uses_della())
@@ -613,6 +626,7 @@ def _tgmd_once(
                 kept = terms  # one chunk: reuse it for the output pass instead of recomputing
         weights = torch.tensor([params.weight[i] for i in active], dtype=torch.float64)
         coeffs, _ = weiszfeld_gram(gram.result(), weights, params.eps, params.maxiter, params.ftol)
+        ctx.median_found(active, coeffs)
         for r0, r1 in ctx.chunks():
             if kept is not None:
                 b, u, _ = kept
@@ -642,17 +656,18 @@ def merge_geometric_median(
     *,
     device=None,
     reuse_bytes: int = 0,
+    on_median: Optional[MedianObserver] = None,
 ) -> torch.Tensor:
     """Plain geometric median of the models themselves (no base, no masks), via the Gram form.
 
     Models that lack the tensor (reader None) or have non-finite values (``on_bad_input``
-    called) are left out; if none remain, ValueError.
+    called) are left out; if none remain, ValueError. ``on_median`` as for :func:`merge_task_vectors`.
     """
     n = len(models)
     w_all = [1.0] * n if weights is None else [float(w) for w in weights]
     if len(w_all) != n:
         raise ValueError(f"{tensor_name}: {n} models but {len(w_all)} weights")
-    ctx = _Context(tensor_name, shape, compute_dtype, rows_per_chunk, device, reuse_bytes)
+    ctx = _Context(tensor_name, shape, compute_dtype, rows_per_chunk, device, reuse_bytes, on_median)
     out_dtype = out_dtype or compute_dtype
     excluded: List[int] = []
     while True:
@@ -707,6 +722,7 @@ def _geomedian_once(
         return torch.empty(ctx.shape, dtype=out_dtype, device=ctx.device)
     w = torch.tensor([weights[i] for i in active], dtype=torch.float64)
     coeffs, _ = weiszfeld_gram(gram.result(), w, eps, maxiter, ftol)
+    ctx.median_found(active, coeffs)
     out = ctx.writer(out_dtype)
     for r0, r1 in ctx.chunks():
         x = kept if kept is not None else points(r0, r1)

@@ -309,6 +309,7 @@ def tgmd_fused_once(
             kept = chunk  # one chunk: its task vectors serve the output pass too
     weights = torch.tensor([params.weight[i] for i in active], dtype=torch.float64)
     coeffs_t, _ = weiszfeld_gram(gram.result(), weights, params.eps, params.maxiter, params.ftol)
+    ctx.median_found(active, coeffs_t)
     coeffs = coeffs_t.to(ctx.dtype).numpy()
     for r0, r1 in chunks:
         chunk = kept if kept is not None else _task_vectors(ctx, base, models, model_keys, active, plan, r0, r1, None)

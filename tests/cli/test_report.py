@@ -255,6 +255,8 @@ def test_merge_with_report_writes_the_report_of_its_output(merge, tmp_path, monk
     ours, theirs = load_file(out), load_file(merge["out"])
     assert all(np.array_equal(ours[k], theirs[k]) for k in theirs)
     report = json.loads((folder / "report.json").read_text())
+    assert report["statistics_from"].startswith("the merge itself")  # no pass of its own
+    assert report["median_weight_from"].startswith("the merge's own Weiszfeld coefficients")
     _check_numbers(report, merge)
 
 
