@@ -135,10 +135,11 @@ def check_method_versions(pins: Mapping[str, MethodVersion], mergekit_version: O
                     f"{name}: this plugin versions it itself: write {name}: {METHOD_VERSIONS[name]} (got {wanted!r})"
                 )
             if wanted not in IMPLEMENTED_VERSIONS[name]:
-                have = ", ".join(str(v) for v in IMPLEMENTED_VERSIONS[name])
+                runs = [str(v) for v in IMPLEMENTED_VERSIONS[name]]
+                have = f"version {runs[0]}" if len(runs) == 1 else f"versions {', '.join(runs[:-1])} and {runs[-1]}"
                 newer = "a newer" if wanted > METHOD_VERSIONS[name] else "an older"
                 raise ValueError(
-                    f"{name}: version {wanted} is not implemented by this mergekit-sdxl (it runs version {have}); "
+                    f"{name}: version {wanted} is not implemented by this mergekit-sdxl (it runs {have}); "
                     f"the config was written for {newer} one: install the mergekit-sdxl that wrote it"
                 )
             continue

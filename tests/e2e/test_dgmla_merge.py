@@ -106,10 +106,10 @@ def test_dgmla_by_name_merges_sdxl_the_same_everywhere(folder):
 
 def test_a_pin_to_another_version_of_dgmla_is_refused(folder):
     config = _config(folder, "dgmla")
-    config.write_text(config.read_text() + "sdxl:\n  method_version: {dgmla: 2}\n")
+    config.write_text(config.read_text() + "sdxl:\n  method_version: {dgmla: 3}\n")
     result = subprocess.run(
         [str(BIN / "mergekit-sdxl"), "merge", str(config), "refused.safetensors"], capture_output=True, text=True, cwd=folder
     )
     assert result.returncode != 0 and not (folder / "refused.safetensors").exists()
-    assert "dgmla: version 2 is not implemented by this mergekit-sdxl (it runs version 1)" in result.stderr
+    assert "dgmla: version 3 is not implemented by this mergekit-sdxl (it runs versions 1 and 2)" in result.stderr
     assert "Traceback" not in result.stderr

@@ -38,7 +38,7 @@ def test_the_plugins_methods_and_the_budgeted_builtins_have_integer_versions():
 @pytest.mark.parametrize(
     "pins, message",
     [
-        ({"tgmd": 3}, "tgmd: version 3 is not implemented by this mergekit-sdxl (it runs version 1, 2); "
+        ({"tgmd": 3}, "tgmd: version 3 is not implemented by this mergekit-sdxl (it runs versions 1 and 2); "
                       "the config was written for a newer one"),
         ({"linear": 2}, "linear: version 2 is not implemented by this mergekit-sdxl (it runs version 1)"),
         ({"tgmd": 0}, "written for an older one"),
