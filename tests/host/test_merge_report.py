@@ -203,3 +203,48 @@ def test_a_resumed_merge_reports_the_keys_of_its_earlier_run(here, tmp_path, mon
     ours = json.loads((folder / "report.json").read_text())
     assert "keys written by an earlier run of this resumed merge" in ours["statistics_from"]
     _close(ours, _pass_report(config, out))
+
+
+def test_a_lora_bake_in_reports_each_lora_by_its_file(here, tmp_path):
+    """LoRA models ({model: base, lora: file}), which the report command cannot read: the inputs
+    are the LoRA files, and a LoRA's task vector is its change (zero on the keys it leaves alone),
+    checked against the change computed here from its factors (scale alpha / rank = 0.5)."""
+    from mergekit_sdxl.host.checkpoint import checkpoint_index
+    from mergekit_sdxl.sdxl.manifest import component_of
+    from mergekit_sdxl.sdxl.tiny_lora import kohya_modules, lora_factors, module_shape, write_lora
+
+    shapes = dict(checkpoint_index(str(here / "base.safetensors")).shapes)
+    plain = [(name, t) for name, t in kohya_modules(shapes, conv=False) if t.block is None and not t.transpose]
+    modules: list = []
+    for prefix in ("lora_unet_", "lora_te1_", "lora_te2_"):
+        modules += [m for m in plain if m[0].startswith(prefix)][:3]
+    assert len(modules) == 9
+    changes = []
+    for n in range(2):
+        files, change = {}, {}
+        for i, (name, target) in enumerate(modules[n:]):  # the second LoRA leaves the first module alone
+            factors = lora_factors("lora", module_shape(target, shapes), 2, seed=10 * n + i, alpha=1.0)
+            files[name] = factors
+            up, down = factors["lora_up.weight"].half().double(), factors["lora_down.weight"].half().double()
+            change[target.weight] = (0.5 * up @ down).reshape(-1)
+        write_lora(tmp_path / f"style_{n}.safetensors", files, metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+        changes.append(change)
+    entries = "".join(
+        f"  - model: {{model: {{path: base.safetensors}}, lora: {{path: {tmp_path / f'style_{n}.safetensors'}}}}}\n"
+        for n in range(2)
+    )
+    config = f"merge_method: task_arithmetic\nbase_model: {{model: {{path: base.safetensors}}}}\nmodels:\n{entries}"
+    config += "parameters: {weight: 1.0}\ndtype: float32\nout_dtype: float16\n"
+    result = _merge(config, tmp_path / "baked.safetensors", collect_report=True)
+    report = result.report.collector.build()
+    assert report["inputs"] == ["style_0.safetensors", "style_1.safetensors"]
+    vectors = {}
+    for component in ("unet", "clip_l", "clip_g"):
+        for n in range(2):
+            parts = [changes[n].get(k, torch.zeros(changes[0][k].numel(), dtype=torch.float64))
+                     for k in sorted(changes[0]) if component_of(k) == component]
+            vectors[(component, n)] = torch.cat(parts)
+        for n in range(2):
+            assert report["task_vector_norm"][component][n] == pytest.approx(float(vectors[(component, n)].norm()), rel=1e-4)
+    a, b = (torch.cat([vectors[(c, n)] for c in ("unet", "clip_l", "clip_g")]) for n in range(2))
+    assert report["similarity"]["model"][0][1] == pytest.approx(float(a @ b / (a.norm() * b.norm())), rel=1e-4, abs=1e-6)
