@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, List, Optional, Tuple
+from typing import Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 import torch
 from transformers import PretrainedConfig
@@ -62,7 +62,7 @@ class SDXLCheckpointIndex(ShardedTensorIndex):
     stored_names: Dict[str, str] = field(default_factory=dict)
     shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
     stored_shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
-    dtypes: Dict[str, str] = field(default_factory=dict)
+    dtypes: Mapping[str, str] = field(default_factory=dict)
     flags: FrozenSet[str] = frozenset()
     dropped: Tuple[str, ...] = ()
     # canonical name -> absolute (start, end) byte range of the stored tensor

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -108,7 +108,7 @@ def lora_model_index(ref: Any) -> LoraModelIndex:
     base = checkpoint_index(base_path)
     lora = lora_file(lora_path)
     binding = lora.bind(base.shapes, base_name=os.path.basename(base_path))
-    dtypes = _dtypes(key[0], base.dtypes, frozenset(binding.keys))
+    dtypes = _ChangedDtypes(base.dtypes, frozenset(binding.keys))
     index = LoraModelIndex(
         base_path=base.base_path,
         is_safetensors=True,
@@ -132,20 +132,26 @@ def lora_model_index(ref: Any) -> LoraModelIndex:
         return _INDEXES.setdefault(key, index)
 
 
-_DTYPES: Dict[Tuple[Tuple[str, int, int], FrozenSet[str]], Dict[str, str]] = {}
+class _ChangedDtypes(Mapping[str, str]):
+    """The base's dtypes with the keys a LoRA changes as float32: a view, not a 2515-entry copy
+    per LoRA (a thousand LoRAs each changing their own set of keys would hold a thousand)."""
 
+    __slots__ = ("_base", "_changed")
 
-def _dtypes(base_key: Tuple[str, int, int], base: Mapping[str, str], touched: FrozenSet[str]) -> Dict[str, str]:
-    """The base's dtypes with the changed keys as float32, one dict per base and set of changed
-    keys: LoRAs trained with the same modules (most of a collection) share it, not 2515 entries each."""
-    key = (base_key, touched)
-    with _LOCK:
-        found = _DTYPES.get(key)
-        if found is None:
-            if len(_DTYPES) > _MAX_CACHED:
-                _DTYPES.clear()
-            found = _DTYPES[key] = {**base, **dict.fromkeys(touched, LORA_DTYPE_NAME)}
-    return found
+    def __init__(self, base: Mapping[str, str], changed: FrozenSet[str]) -> None:
+        self._base = base
+        self._changed = changed
+
+    def __getitem__(self, key: str) -> str:
+        if key in self._changed:
+            return LORA_DTYPE_NAME
+        return self._base[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._base)
+
+    def __len__(self) -> int:
+        return len(self._base)
 
 
 def lora_model_config(ref: Any) -> Any:

@@ -277,13 +277,14 @@ def _plan_sdxl_tensor(
         dtype=None if ours else gather.dtype,
         device=gather.device,
     )
+    parameters = {m: _intern_map(interned, p) for m, p in task.input_parameters.items()}
+    # Keys whose models have the same (interned) parameter maps share one map of N entries too.
+    same = ("input_parameters", tuple((id(m), id(p)) for m, p in parameters.items()))
     task = task.model_copy(
         update={
             "gather_tensors": direct,
             "dtype": planner.config.dtype if ours else task.dtype,
-            "input_parameters": ImmutableMap(
-                data={m: _intern_map(interned, p) for m, p in task.input_parameters.items()}
-            ),
+            "input_parameters": _intern(interned, ImmutableMap(data=parameters), key=same),
         }
     )
     planned[-1] = (w, _key_task(planner, task, ours, rules.plan, rules.report))
