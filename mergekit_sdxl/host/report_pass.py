@@ -99,6 +99,11 @@ def prepare_report(
     validate_config(config_text, source=source, sha256_of=None, verify_pins=False)
     loaded = load_config(config_text, overrides, source=source)
     roles = input_paths(loaded.config, loaded.sdxl)
+    if any(role == "lora" for _, role in roles):
+        raise UsageError(
+            f"config {source}: its models are LoRAs on a base (lora: entries), which this pass cannot read: "
+            "write their report with `mergekit-sdxl merge CONFIG OUT.safetensors --report DIR`"
+        )
     missing = [p for p, _ in roles if not is_checkpoint_file(p)]
     if missing:
         raise UsageError("inputs not found or not .safetensors files: " + ", ".join(missing))

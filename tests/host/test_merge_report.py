@@ -248,3 +248,16 @@ def test_a_lora_bake_in_reports_each_lora_by_its_file(here, tmp_path):
             assert report["task_vector_norm"][component][n] == pytest.approx(float(vectors[(component, n)].norm()), rel=1e-4)
     a, b = (torch.cat([vectors[(c, n)] for c in ("unet", "clip_l", "clip_g")]) for n in range(2))
     assert report["similarity"]["model"][0][1] == pytest.approx(float(a @ b / (a.norm() * b.norm())), rel=1e-4, abs=1e-6)
+
+
+def test_the_report_command_points_a_lora_bake_in_to_merge_report(here, tmp_path):
+    from mergekit_sdxl.errors import UsageError
+    from mergekit_sdxl.host.report_pass import prepare_report
+
+    config = (
+        "merge_method: task_arithmetic\nbase_model: {model: {path: base.safetensors}}\nmodels:\n"
+        "  - model: {model: {path: base.safetensors}, lora: {path: a.safetensors}}\n"
+        "parameters: {weight: 1.0}\n"
+    )
+    with pytest.raises(UsageError, match=r"config recipe.yaml: its models are LoRAs on a base .* --report DIR`$"):
+        prepare_report(config, source="recipe.yaml")
