@@ -16,6 +16,10 @@ geometric_median; pre-passes that read one input at a time are simply not taken)
 more at the end of the key and counted in :attr:`MergeReportRecorder.reread_bytes`. Keys the
 recorder never saw (a resumed merge wrote them earlier: :attr:`MergeReportRecorder.resumed`) are
 left to the caller: cli/merge_cmd.py adds them by a pass over them and the finished output.
+
+Memory: on top of the merge's own, one chunk's float64 task vectors (at most half a chunk of the
+plan, ``budget / 8``), a copy of the chunk's stored rows, the Gram's carry (less than 65536
+elements per input) and one key's base rows.
 """
 
 from __future__ import annotations
@@ -174,9 +178,10 @@ class KeyRecording:
         self._base_rows: List[torch.Tensor] = []
         self._coeffs: Optional[torch.Tensor] = None
         self._lock = threading.Lock()
-        # A range is taken only if its N + 1 stored chunks fit a chunk of the plan: a pre-pass
-        # reading one input whole must not make the recording hold every input whole.
-        per_row = max(1, self.cols * 4 * (len(self._expected) + 1))
+        # A range is taken only if it is no longer than a float32 chunk of the merge (the plan's
+        # rows for N inputs, 16 bytes per element and input): its float64 task vectors then take
+        # at most half a chunk, and a pre-pass reading one input whole is not held.
+        per_row = max(1, self.cols * 16 * len(self._expected))
         self._max_rows = max(1, owner.plan.chunk_bytes // per_row)
 
     def wrap(self, readers: Mapping[Any, Optional[RowReader]]) -> Dict[Any, Optional[RowReader]]:
