@@ -51,9 +51,7 @@ import os
 import random
 import re
 import shutil
-import subprocess
 import sys
-import threading
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -61,6 +59,9 @@ from typing import Any, Dict, List, Set, Tuple
 
 _ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_merge  # noqa: E402 - the child runner of the merge benchmark
 
 METHODS = ("task_arithmetic", "tgmd")
 _BLOCKS = re.compile(r"^lora_(unet_(input_blocks_[78]|middle_block|output_blocks_[012])_|te[12]_text_model_encoder_layers_(0|1)_)")
@@ -151,56 +152,9 @@ def make_config(method: str, base: Path, loras: List[Path]) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------- children
 
 
-def _mergekit_sdxl() -> str:
-    exe = Path(sys.executable).parent / "mergekit-sdxl"
-    return str(exe) if exe.exists() else (shutil.which("mergekit-sdxl") or "mergekit-sdxl")
-
-
-def _poll_hwm(pid: int, stop: threading.Event, out: List[int]) -> None:
-    import psutil
-
-    peak = 0
-    try:
-        proc = psutil.Process(pid)
-        while not stop.is_set():
-            for p in [proc] + proc.children(recursive=True):
-                try:
-                    with open(f"/proc/{p.pid}/status") as fh:
-                        for line in fh:
-                            if line.startswith("VmHWM:"):
-                                peak = max(peak, int(line.split()[1]) * 1024)
-                except OSError:
-                    pass
-            stop.wait(0.05)
-    except Exception:  # noqa: BLE001 - the process is gone
-        pass
-    out.append(peak)
-
-
-def run_child(argv: List[str], env: Dict[str, str], log: Path) -> Dict[str, Any]:
-    """Run one child: rc, wall seconds, peak RSS (bytes), load average before -> after."""
-    timer = "/usr/bin/time" if os.path.exists("/usr/bin/time") else None
-    load_before = os.getloadavg()[0]
-    started = time.monotonic()
-    if timer:
-        proc = subprocess.run([timer, "-v"] + argv, env=env, capture_output=True, text=True)
-        wall = time.monotonic() - started
-        match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-        peak = int(match.group(1)) * 1024 if match else 0
-        stdout, stderr, rc = proc.stdout, proc.stderr, proc.returncode
-    else:
-        child = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        stop: threading.Event = threading.Event()
-        box: List[int] = []
-        poller = threading.Thread(target=_poll_hwm, args=(child.pid, stop, box), daemon=True)
-        poller.start()
-        stdout, stderr = child.communicate()
-        wall = time.monotonic() - started
-        stop.set()
-        poller.join()
-        peak, rc = (box[0] if box else 0), child.returncode
-    log.write_text(f"$ {' '.join(argv)}\n--- stdout\n{stdout}\n--- stderr\n{stderr}", encoding="utf-8")
-    return {"rc": rc, "wall": wall, "peak": peak, "load": (load_before, os.getloadavg()[0]), "log": str(log)}
+# The child runner of the merge benchmark: the same /usr/bin/time -v (or VmHWM polling) measurement.
+run_child = bench_merge.run_child
+_mergekit_sdxl = bench_merge._mergekit_sdxl
 
 
 def _clean_output(out: Path) -> None:
