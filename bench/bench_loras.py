@@ -50,7 +50,6 @@ import json
 import os
 import random
 import re
-import shutil
 import sys
 import time
 from fractions import Fraction
@@ -68,12 +67,11 @@ _BLOCKS = re.compile(r"^lora_(unet_(input_blocks_[78]|middle_block|output_blocks
 _TGMD = {"drop_rate": 0.1, "density": 1.0, "sign_election": "count", "aggregate": "median", "lambda": 1.0, "seed": 240603}
 
 
-def parse_width(text: str) -> float:
-    return float(Fraction(text))
-
-
-def width_tag(width: float) -> str:
-    return str(Fraction(width).limit_denominator(1024)).replace("/", "-")
+# The merge benchmark's helpers: width parsing and tags (the same file names), prehashing, cleaning.
+parse_width = bench_merge.parse_width
+width_tag = bench_merge.width_tag
+prehash = bench_merge.prehash
+_clean_output = bench_merge._clean_output
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -121,19 +119,6 @@ def ensure_loras(folder: Path, shapes: Dict[str, Tuple[int, ...]], count: int, m
     return paths, touched
 
 
-def prehash(paths: List[Path], cache_dir: Path) -> None:
-    """Fill the hash cache the children use, so the timed merges do not hash their inputs."""
-    from mergekit_sdxl.io.hashing import HashCache
-
-    cache = HashCache(cache_dir)
-    started = time.monotonic()
-    for path in paths:
-        cache.sha256(str(path))
-    took = time.monotonic() - started
-    if took > 1:
-        print(f"# hashed {len(paths)} inputs into {cache_dir} in {took:.1f} s", flush=True)
-
-
 def make_config(method: str, base: Path, loras: List[Path]) -> Dict[str, Any]:
     models: List[Dict[str, Any]] = []
     for path in loras:
@@ -155,18 +140,6 @@ def make_config(method: str, base: Path, loras: List[Path]) -> Dict[str, Any]:
 # The child runner of the merge benchmark: the same /usr/bin/time -v (or VmHWM polling) measurement.
 run_child = bench_merge.run_child
 _mergekit_sdxl = bench_merge._mergekit_sdxl
-
-
-def _clean_output(out: Path) -> None:
-    """Remove a previous output and what the writer leaves beside it (journal, sidecars)."""
-    if not out.parent.exists():
-        return
-    for p in out.parent.iterdir():
-        if p.name.startswith(out.name) or p.name == out.stem + ".md":
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink()
 
 
 def imports_only(env: Dict[str, str], log: Path) -> Dict[str, Any]:

@@ -133,7 +133,7 @@ def prehash(paths: List[Path], cache_dir: Path) -> None:
         cache.sha256(str(path))
     took = time.monotonic() - started
     if took > 1:
-        print(f"# hashed inputs into {cache_dir} in {took:.1f} s", flush=True)
+        print(f"# hashed {len(paths)} inputs into {cache_dir} in {took:.1f} s", flush=True)
 
 
 # ----------------------------------------------------------------------------- configs

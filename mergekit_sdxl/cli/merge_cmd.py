@@ -6,7 +6,6 @@ supplies all of ``mergekit-yaml``'s options unchanged.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
@@ -94,9 +93,11 @@ def _check_report_dir(report_dir: str, config_file: str, out_path: str) -> None:
     prepare_report_dir(Path(report_dir), _report_reads(config_file, out_path))
 
 
-def _write_recorded_report(result: Any, report_dir: str, config_file: str, out_path: str, overrides: Dict[str, Any]) -> Path:
-    """Write the report the merge collected; keys an earlier run of a resumed merge wrote are
-    added by a pass over them (inputs and the finished output)."""
+def _write_recorded_report(
+    result: Any, report_dir: str, config_file: str, out_path: str, overrides: Dict[str, Any]
+) -> Tuple[Path, Dict[str, Any]]:
+    """Write the report the merge collected (returns the page and the report); keys an earlier
+    run of a resumed merge wrote are added by a pass over them (inputs and the finished output)."""
     from mergekit_sdxl.host.driver import read_config_text
     from mergekit_sdxl.io.report_files import write_report
 
@@ -115,7 +116,8 @@ def _write_recorded_report(result: Any, report_dir: str, config_file: str, out_p
             LOG.warning("report: %d keys written by an earlier run are left out of the report (%s)", len(missing), error)
     if recorder.reread_bytes:
         LOG.info("report: %.1f MB read again for rows the merge did not read for every input together", recorder.reread_bytes / 1e6)
-    return write_report(Path(report_dir), collector.build(), _report_reads(config_file, out_path))
+    report = collector.build()
+    return write_report(Path(report_dir), report, _report_reads(config_file, out_path)), report
 
 
 @click.command("merge")
@@ -193,8 +195,7 @@ def merge_command(
         from mergekit_sdxl.cli.report_cmd import summary_lines, write_merge_report
 
         if result.report is not None:
-            page = _write_recorded_report(result, report_dir, config_file, out_path, overrides)
-            report = json.loads((page.parent / "report.json").read_text())
+            page, report = _write_recorded_report(result, report_dir, config_file, out_path, overrides)
             for line in summary_lines(report):
                 click.echo("    " + line)
         else:

@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, 
 from mergekit_sdxl.errors import OutputError, UsageError, UserError
 from mergekit_sdxl.host.checkpoint import is_checkpoint_file
 from mergekit_sdxl.host.merge_planning import plan_merge
-from mergekit_sdxl.host.merge_report import MergeReportRecorder, new_recorder, recording
+from mergekit_sdxl.host.merge_report import MergeReportRecorder, new_recorder, recording, reported_inputs
 from mergekit_sdxl.host.mergekit_api import MergeConfiguration, MergeOptions, mergekit_version
 from mergekit_sdxl.host.planner import SDXLRules
 from mergekit_sdxl.host.plugin import register_all
@@ -193,13 +193,14 @@ def run_sdxl_merge(
     started = time.monotonic()
     if ray is not None:
         check_ray_merge(ray, options, devices)
+    record = collect_report and ray is None  # with Ray the keys are merged in other processes
     lanes = list(devices) if devices is not None else (_all_gpus() if options.multi_gpu else None)
     register_all()
     cache = HashCache()
     label = source or "(given as text)"
     with _phase("validate"):
         loaded, roles, validated = _checked_inputs(config_text, out_path, overrides, source, label, allow_base_in_models)
-        if collect_report and ray is None:
+        if record:
             _check_reportable(loaded, label)
     with OutputLock(out_path):
         with _phase("preflight"):
@@ -218,7 +219,7 @@ def run_sdxl_merge(
             plan = MemoryPlan(budget_bytes=budget, adjust_threads=not lanes)
             checkpoints = [p for p, role in roles if role != "lora"]
             with _phase("plan"):
-                rules = SDXLRules(options=loaded.sdxl, plan=plan, report=collect_report and ray is None)
+                rules = SDXLRules(options=loaded.sdxl, plan=plan, report=record)
                 planned = plan_merge(loaded.config, options, rules, checkpoints)
             provenance = _Provenance(loaded, roles, report, out_path, keep_paths, hasher, contents.possible_copies)
             writer = StreamingCheckpointWriter.open_or_resume(
@@ -231,7 +232,7 @@ def run_sdxl_merge(
             )
             _check_free_space(writer)
             start, worker_bytes = bytes_read(), 0
-            recorder = new_recorder(loaded.config, plan, vae_merged=loaded.sdxl.vae.source == "merge") if collect_report and ray is None else None
+            recorder = new_recorder(loaded.config, plan, vae_merged=loaded.sdxl.vae.source == "merge") if record else None
             with writer:
                 with _phase("merge"):
                     if ray is None:
@@ -264,7 +265,7 @@ def run_sdxl_merge(
 
 def _check_reportable(loaded: LoadedConfig, label: str) -> None:
     try:
-        new_recorder(loaded.config, MemoryPlan(), vae_merged=False)
+        reported_inputs(loaded.config)
     except ValueError as error:
         raise UsageError(f"config {label}: --report: {error}") from None
 

@@ -47,6 +47,7 @@ __all__ = [
     "recording",
     "active_recorder",
     "new_recorder",
+    "reported_inputs",
     "report_models",
     "input_label",
     "is_merged_key",
@@ -308,14 +309,20 @@ def input_label(model: Any) -> str:
     return os.path.basename(str(path)) or str(path)
 
 
-def new_recorder(config: Any, plan: MemoryPlan, *, vae_merged: bool) -> MergeReportRecorder:
-    """A recorder for the merge of a mergekit config (raises ValueError without base or inputs)."""
+def reported_inputs(config: Any) -> Tuple[Any, List[Any]]:
+    """``(base, models)`` a report of this config covers; ValueError without a base or an input."""
     base = getattr(config, "base_model", None)
     if base is None:
         raise ValueError("a report needs base_model (task vectors are each input minus the base)")
     models = report_models(config)
     if not models:
         raise ValueError("a report needs an input besides the base model")
+    return base, models
+
+
+def new_recorder(config: Any, plan: MemoryPlan, *, vae_merged: bool) -> MergeReportRecorder:
+    """A recorder for the merge of a mergekit config (raises ValueError without base or inputs)."""
+    base, models = reported_inputs(config)
     method = str(config.merge_method)
     shared = dict(config.parameters or {})
     election = shared.get("sign_election")

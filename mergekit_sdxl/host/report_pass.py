@@ -313,14 +313,10 @@ def run_report(job: ReportJob, *, quiet: bool = True) -> Dict[str, object]:
         median_weight_from=median_from,
     )
     inputs = _Inputs(job.base, job.models)
-    merged_loader = SDXLCheckpointLoader(checkpoint_index(job.merged)) if job.merged is not None else None
     try:
         with tqdm(total=len(keys), unit="key", desc="report", disable=quiet) as bar:
-            if merged_loader is not None:
-                for name, shape in keys:
-                    rows = _file_rows(job, merged_loader, name, shape)
-                    collector.add_key(name, **_key_statistics(inputs, name, shape, rows, view, job.plan))
-                    bar.update(1)
+            if job.merged is not None:
+                _add_from_merged_file(job, view, inputs, collector, keys, lambda: bar.update(1))
             else:
                 for name, value in _merge_in_memory(job, [k for k, _ in keys]):
                     shape = shapes[name]
@@ -329,9 +325,27 @@ def run_report(job: ReportJob, *, quiet: bool = True) -> Dict[str, object]:
                     bar.update(1)
     finally:
         inputs.close()
-        if merged_loader is not None:
-            merged_loader.close()
     return collector.build()
+
+
+def _add_from_merged_file(
+    job: ReportJob,
+    view: _MethodView,
+    inputs: _Inputs,
+    collector: ReportCollector,
+    keys: Sequence[Tuple[str, Tuple[int, ...]]],
+    done: Callable[[], None],
+) -> None:
+    """Add ``keys`` to ``collector``, their block change read from the finished merge ``job.merged``."""
+    assert job.merged is not None
+    loader = SDXLCheckpointLoader(checkpoint_index(job.merged))
+    try:
+        for name, shape in keys:
+            rows = _file_rows(job, loader, name, shape)
+            collector.add_key(name, **_key_statistics(inputs, name, shape, rows, view, job.plan))
+            done()
+    finally:
+        loader.close()
 
 
 def add_keys_from_output(job: ReportJob, collector: ReportCollector, names: Sequence[str]) -> None:
@@ -341,15 +355,9 @@ def add_keys_from_output(job: ReportJob, collector: ReportCollector, names: Sequ
         raise ValueError("add_keys_from_output needs the finished merge (job.merged)")
     if collector.n != len(job.models):
         raise ValueError(f"the report has {collector.n} inputs, the config {len(job.models)}")
-    view = _method_view(job)
     shapes = dict(_merged_keys(job))
     inputs = _Inputs(job.base, job.models)
-    merged_loader = SDXLCheckpointLoader(checkpoint_index(job.merged))
     try:
-        for name in names:
-            shape = shapes[name]
-            rows = _file_rows(job, merged_loader, name, shape)
-            collector.add_key(name, **_key_statistics(inputs, name, shape, rows, view, job.plan))
+        _add_from_merged_file(job, _method_view(job), inputs, collector, [(n, shapes[n]) for n in names], lambda: None)
     finally:
         inputs.close()
-        merged_loader.close()
