@@ -18,20 +18,24 @@ from mergekit_sdxl.sdxl.keys import POSITION_IDS_KEY
 from mergekit_sdxl.sdxl.manifest import COMPONENT_PREFIXES, NUM_LAYERS, OPTIONAL_KEYS, SDXL_KEYS, component_of, layer_of
 
 
-def _weight(key: str, prefix: str) -> WeightInfo:
+def _weight(key: str) -> WeightInfo:
     return WeightInfo(
-        name=key[len(prefix):],
+        name=key,
         optional=key in OPTIONAL_KEYS,
         force_dtype="int64" if key == POSITION_IDS_KEY else None,
     )
 
 
 class SDXLComponentArchitecture(ModuleArchitecture):
-    """One SDXL component (unet, clip_l, clip_g, vae) with names relative to its prefix."""
+    """One SDXL component (unet, clip_l, clip_g, vae).
+
+    Its weights carry their full key names and the module no ``weight_prefix``: mergekit then
+    hands every model the same ``WeightInfo`` objects instead of building a prefixed copy per
+    model and key (2515 x N objects, most of the planning time at hundreds of LoRAs).
+    """
 
     def __init__(self, component: str):
         self.component = component
-        self.prefix = COMPONENT_PREFIXES[component]
         pre: List[WeightInfo] = []
         layers: Dict[int, List[WeightInfo]] = {index: [] for index in range(NUM_LAYERS[component])}
         for key in SDXL_KEYS:
@@ -39,9 +43,9 @@ class SDXLComponentArchitecture(ModuleArchitecture):
                 continue
             placement = layer_of(key)
             if placement is None:
-                pre.append(_weight(key, self.prefix))
+                pre.append(_weight(key))
             else:
-                layers[placement[1]].append(_weight(key, self.prefix))
+                layers[placement[1]].append(_weight(key))
         self._pre = pre
         self._layers = layers
 
@@ -66,10 +70,7 @@ class SDXLComponentArchitecture(ModuleArchitecture):
 def sdxl_architecture() -> ModelArchitecture:
     """The mergekit ``ModelArchitecture`` for SDXL single-file checkpoints."""
     return ModelArchitecture(
-        modules={
-            name: ModuleDefinition(architecture=SDXLComponentArchitecture(name), weight_prefix=prefix)
-            for name, prefix in COMPONENT_PREFIXES.items()
-        },
+        modules={name: ModuleDefinition(architecture=SDXLComponentArchitecture(name)) for name in COMPONENT_PREFIXES},
         architectures=[ARCHITECTURE_NAME],
         model_type=MODEL_TYPE,
     )

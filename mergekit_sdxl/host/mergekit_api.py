@@ -34,10 +34,12 @@ SYMBOLS: Dict[str, Tuple[str, str]] = {
     "NAME_TO_ARCH": ("mergekit.architecture.json_definitions", "NAME_TO_ARCH"),
     # models, config, options
     "ModelReference": ("mergekit.common", "ModelReference"),
+    "ModelPath": ("mergekit.common", "ModelPath"),
     "ImmutableMap": ("mergekit.common", "ImmutableMap"),
     "dtype_from_name": ("mergekit.common", "dtype_from_name"),
     "MergeConfiguration": ("mergekit.config", "MergeConfiguration"),
     "ConfigReader": ("mergekit.config", "ConfigReader"),
+    "resolve_parameter": ("mergekit.parameter_resolver", "resolve_parameter"),
     "MergeOptions": ("mergekit.options", "MergeOptions"),
     "add_merge_options": ("mergekit.options", "add_merge_options"),
     # graph and I/O
@@ -225,6 +227,7 @@ if TYPE_CHECKING:  # the names as the type checker sees them
     from mergekit.architecture.base import WeightInfo as WeightInfo
     from mergekit.architecture.json_definitions import NAME_TO_ARCH as NAME_TO_ARCH
     from mergekit.common import ImmutableMap as ImmutableMap
+    from mergekit.common import ModelPath as ModelPath
     from mergekit.common import ModelReference as ModelReference
     from mergekit.common import dtype_from_name as dtype_from_name
     from mergekit.config import ConfigReader as ConfigReader
@@ -259,6 +262,7 @@ if TYPE_CHECKING:  # the names as the type checker sees them
     from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask as ExecuteMergeMethodTask
     from mergekit.options import MergeOptions as MergeOptions
     from mergekit.options import add_merge_options as add_merge_options
+    from mergekit.parameter_resolver import resolve_parameter as resolve_parameter
     from mergekit.plan import MergePlanner as MergePlanner
     from mergekit.sparsify import SparsificationMethod as SparsificationMethod
     from mergekit.sparsify import sparsify as sparsify

@@ -30,10 +30,10 @@ import torch
 from mergekit_sdxl.errors import UsageError
 from mergekit_sdxl.host.architecture import is_sdxl_architecture
 from mergekit_sdxl.host.budgeted_methods import ELEMENTWISE, budgeted, statistics_bytes_per_element
+from mergekit_sdxl.host.key_tasks import KeyTaskBuilder
 from mergekit_sdxl.host.mergekit_api import (
     ConfigReader,
     ExecuteMergeMethodTask,
-    ImmutableMap,
     LoaderCache,
     MergeConfiguration,
     MergePlanner,
@@ -44,7 +44,7 @@ from mergekit_sdxl.host.mergekit_api import (
     planner_method,
 )
 from mergekit_sdxl.host.methods import ChunkedMergeMethod
-from mergekit_sdxl.host.tasks import DirectGather, DonorTensor, MergeKeyTask, PositionIds
+from mergekit_sdxl.host.tasks import DonorTensor, MergeKeyTask, PositionIds
 from mergekit_sdxl.kernels.memory_plan import MemoryPlan, compute_dtype_for
 from mergekit_sdxl.sdxl.dtypes import dtype_size
 from mergekit_sdxl.sdxl.keys import POSITION_IDS_KEY
@@ -91,7 +91,9 @@ class SDXLMergePlanner(MergePlanner):
         if component is not None and weight.name != POSITION_IDS_KEY:
             component.plan(self, weight, weights_in, models, cfg_reader)
             return
-        plan_with_rules(self, mergekit_plan_tensor(), weight, weights_in, models, cfg_reader, self.rules, self._interned)
+        plan_with_rules(
+            self, mergekit_plan_tensor(), weight, weights_in, models, cfg_reader, self.rules, self._interned
+        )
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,9 @@ def _component_inputs(config: Any, name: str) -> Optional[List[Any]]:
     if module is None:
         return None
     if not module.models:
-        raise UsageError(f"sdxl.components.{name}: needs the models of modules.{name} listed under models:, not slices:")
+        raise UsageError(
+            f"sdxl.components.{name}: needs the models of modules.{name} listed under models:, not slices:"
+        )
     return list(module.models)
 
 
@@ -191,7 +195,11 @@ def _component_plans(planner: Any, rules: SDXLRules) -> Dict[str, _ComponentPlan
         )
         sub_rules = SDXLRules(options=rules.options.model_copy(update={"components": {}}), plan=rules.plan)
         sub = SDXLMergePlanner(
-            sub_config, planner.arch_info, options=planner.options, out_model_config=planner.out_model_config, rules=sub_rules
+            sub_config,
+            planner.arch_info,
+            options=planner.options,
+            out_model_config=planner.out_model_config,
+            rules=sub_rules,
         )
         sub.normalize_config()  # mergekit's own input checks for this method, and the slices planned from
         plans[name] = _ComponentPlan(name=name, planner=sub)
@@ -225,7 +233,7 @@ def plan_with_rules(
             w, task = planned[-1]
             planned[-1] = (w, _stored_dtype_inputs(task, planner.config.dtype))
         return
-    _plan_sdxl_tensor(planner, plan_tensor, weight, weights_in, models, cfg_reader, rules, ours, interned)
+    _plan_sdxl_tensor(planner, weight, weights_in, models, cfg_reader, rules, ours, interned)
 
 
 def _stored_dtype_inputs(task: ExecuteMergeMethodTask, dtype: Optional[str]) -> ExecuteMergeMethodTask:
@@ -245,7 +253,6 @@ def _donor(rules: SDXLRules, models: List[ModelReference], base: Optional[ModelR
 
 def _plan_sdxl_tensor(
     planner: Any,
-    plan_tensor: PlanTensor,
     weight: WeightInfo,
     weights_in: List[WeightInfo],
     models: List[ModelReference],
@@ -266,44 +273,19 @@ def _plan_sdxl_tensor(
         planned.append((weight, DonorTensor(model=donor, tensor=name, optional=weight.optional)))
         return
 
-    before = len(planned)
-    plan_tensor(planner, weight, weights_in, models, cfg_reader)
-    if len(planned) == before:
+    builder = interned.get(KeyTaskBuilder)
+    if builder is None:
+        device = planner.options.device if planner.options.read_to_gpu else None
+        # Our methods upcast per chunk: their inputs load as stored, the compute dtype goes on.
+        builder = interned[KeyTaskBuilder] = KeyTaskBuilder(
+            planner_method(planner), dtype=None if ours else planner.config.dtype, device=device
+        )
+    task = builder.build(weight, weights_in, models, cfg_reader)
+    if task is None:
         return  # optional weight absent everywhere
-    w, task = planned[-1]
-    gather = task.gather_tensors
-    direct = DirectGather(
-        weight_info=ImmutableMap(data={m: _intern(interned, wi) for m, wi in gather.weight_info.items()}),
-        dtype=None if ours else gather.dtype,
-        device=gather.device,
-    )
-    parameters = {m: _intern_map(interned, p) for m, p in task.input_parameters.items()}
-    # Keys whose models have the same (interned) parameter maps share one map of N entries too.
-    same = ("input_parameters", tuple((id(m), id(p)) for m, p in parameters.items()))
-    task = task.model_copy(
-        update={
-            "gather_tensors": direct,
-            "dtype": planner.config.dtype if ours else task.dtype,
-            "input_parameters": _intern(interned, ImmutableMap(data=parameters), key=same),
-        }
-    )
-    planned[-1] = (w, _key_task(planner, task, ours, rules.plan, rules.report))
-
-
-# A plan holds one task per key with N per-model WeightInfos and parameter maps; they are equal
-# across models (and across keys for the maps), so share one object per value: at N = 117 this
-# is most of the plan's memory. The table belongs to one planner.
-def _intern(table: Dict[Any, Any], value: Any, key: Any = None) -> Any:
-    return table.setdefault(value if key is None else key, value)
-
-
-def _intern_map(table: Dict[Any, Any], parameters: Any) -> Any:
-    try:
-        key = ("params", tuple(sorted(parameters.items())))
-        hash(key)
-    except TypeError:  # an unhashable parameter value: keep this map as it is
-        return parameters
-    return _intern(table, parameters, key)
+    if ours:
+        task = task.model_copy(update={"dtype": planner.config.dtype})
+    planned.append((weight, _key_task(planner, task, ours, rules.plan, rules.report)))
 
 
 def _key_task(planner: Any, task: ExecuteMergeMethodTask, ours: bool, plan: MemoryPlan, report: bool = False) -> Any:

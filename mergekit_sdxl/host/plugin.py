@@ -61,6 +61,7 @@ def on_merge_methods_imported() -> None:
         register_methods()
         register_architecture()
         stock_patches.route_checkpoint_files()
+        stock_patches.fast_model_references()
 
 
 def on_plan_imported() -> None:

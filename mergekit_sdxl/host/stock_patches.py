@@ -1,6 +1,6 @@
 """The patches the stock ``mergekit-yaml`` still needs, each with its reason and the upstream
 change that would remove it. ``mergekit-sdxl merge`` drives its own planner subclass and needs
-only the first two (the input routing and the planning speed-up).
+only the input routing and the two planning speed-ups.
 
 Each patch wraps one mergekit name listed in ``host/mergekit_api.py`` (checked at
 registration), is applied once (idempotent) and leaves every other path to mergekit.
@@ -91,10 +91,14 @@ def route_checkpoint_files() -> None:
     # A LoRA on a checkpoint file is a virtual model (host/lora_model.py): base + the LoRA's change
     # computed per key and row chunk, never merged into a whole model on disk with PEFT.
     def merged(original: Callable) -> Callable:
-        def wrapper(self: Any, cache_dir: Any = None, trust_remote_code: bool = False, lora_merge_dtype: Any = None) -> Any:
+        def wrapper(
+            self: Any, cache_dir: Any = None, trust_remote_code: bool = False, lora_merge_dtype: Any = None
+        ) -> Any:
             if is_lora_reference(self):
                 return self
-            return original(self, cache_dir=cache_dir, trust_remote_code=trust_remote_code, lora_merge_dtype=lora_merge_dtype)
+            return original(
+                self, cache_dir=cache_dir, trust_remote_code=trust_remote_code, lora_merge_dtype=lora_merge_dtype
+            )
 
         return wrapper
 
@@ -139,6 +143,60 @@ def index_parameter_sources() -> None:
         return wrapper
 
     _patch(ConfigReader, "parameter_sources", parameter_sources)
+
+
+# id(model reference) -> (the reference, its hash): a reference is frozen, so its hash never
+# changes. Bounded: cleared when full (a merge holds one reference per input, a few per LoRA).
+_HASHES: Dict[int, Any] = {}
+_HASHES_MAX = 1 << 16
+
+
+def fast_model_references() -> None:
+    """``ModelReference`` and ``ModelPath``: hash computed once per object, identity checked first.
+
+    Why: pydantic recomputes a frozen model's hash from its fields on every call (three nested
+    models per reference) and compares field dicts even for the same object. mergekit's planner
+    and executor hash and compare model references per key, model and parameter: millions of
+    calls at N = 100-1000 (most of the planning time at 300 LoRAs). Same results: equal objects
+    have equal hashes, so different hashes mean unequal. Upstream: cache the hash in
+    ``ModelReference`` (a private attribute) and test identity first in ``__eq__``.
+    """
+    from mergekit_sdxl.host.mergekit_api import ModelPath, ModelReference
+
+    def cached_hash(original: Callable) -> Callable:
+        def wrapper(self: Any) -> int:
+            entry = _HASHES.get(id(self))
+            if entry is not None and entry[0] is self:
+                return int(entry[1])
+            value = original(self)
+            if len(_HASHES) >= _HASHES_MAX:
+                _HASHES.clear()
+            _HASHES[id(self)] = (self, value)
+            return int(value)
+
+        return wrapper
+
+    def identity_first(original: Callable) -> Callable:
+        def wrapper(self: Any, other: Any) -> Any:
+            if self is other:
+                return True
+            if type(other) is type(self):
+                mine, theirs = _HASHES.get(id(self)), _HASHES.get(id(other))
+                if (
+                    mine is not None
+                    and theirs is not None
+                    and mine[0] is self
+                    and theirs[0] is other
+                    and mine[1] != theirs[1]
+                ):
+                    return False
+            return original(self, other)
+
+        return wrapper
+
+    for cls in (ModelPath, ModelReference):
+        _patch(cls, "__hash__", cached_hash)
+        _patch(cls, "__eq__", identity_first)
 
 
 def plan_sdxl_rules() -> None:

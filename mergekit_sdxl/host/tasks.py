@@ -14,10 +14,10 @@ from mergekit_sdxl.host.lora_model import abstain_untouched
 from mergekit_sdxl.host.merge_report import KeyRecording, active_recorder
 from mergekit_sdxl.host.mergekit_api import (
     ExecuteMergeMethodTask,
-    GatherTensors,
     LoaderCache,
     ModelReference,
     Task,
+    WeightInfo,
     dtype_from_name,
     get_method,
 )
@@ -56,24 +56,53 @@ def _slice_rows(flat: torch.Tensor) -> RowReader:
     return rows
 
 
-class DirectGather(GatherTensors):
+class DirectGather(Task[Dict[ModelReference, torch.Tensor]]):
     """Loads one tensor from every input in a single task.
 
-    mergekit's ``GatherTensors`` schedules one ``LoadTensor`` task per (model,
-    tensor): 2515 x N tasks for SDXL, which dominates run time at large N.
+    mergekit's ``GatherTensors`` schedules one ``LoadTensor`` task per (model, tensor): 2515 x N
+    tasks for SDXL, which dominates run time at large N. ``models`` is the key's model order (one
+    tuple shared by every key of a slice); ``weight`` is the tensor every model gives, or
+    ``weights`` one per model where their names differ.
     """
+
+    models: Tuple[ModelReference, ...]
+    weight: Optional[WeightInfo] = None
+    weights: Optional[Tuple[WeightInfo, ...]] = None
+    dtype: Optional[str] = None
+    device: Optional[str] = None
+
+    @classmethod
+    def of(
+        cls, models: Tuple[ModelReference, ...], weights_in: Any, dtype: Optional[str], device: Optional[str]
+    ) -> DirectGather:
+        """The gather of ``weights_in[i]`` from ``models[i]``."""
+        weights = tuple(weights_in)
+        # model_construct keeps the shared ``models`` tuple itself (validation would copy it).
+        if weights and all(w is weights[0] for w in weights):
+            return cls.model_construct(models=models, weight=weights[0], weights=None, dtype=dtype, device=device)
+        return cls.model_construct(models=models, weight=None, weights=weights, dtype=dtype, device=device)
+
+    def weight_of(self, index: int) -> WeightInfo:
+        """The tensor the model at ``index`` gives."""
+        if self.weights is not None:
+            return self.weights[index]
+        assert self.weight is not None
+        return self.weight
 
     def arguments(self) -> Dict[str, Task]:
         return {}
 
     def group_label(self) -> Optional[str]:
-        return max(wi.name for wi in self.weight_info.values())
+        return max(self.weight_of(i).name for i in range(len(self.models)))
 
     def execute(self, **_kwargs) -> Dict[ModelReference, torch.Tensor]:
         result = {}
-        for model, wi in self.weight_info.items():
+        for index, model in enumerate(self.models):
+            wi = self.weight_of(index)
             loader = LoaderCache().get(model)
-            tensor = loader.get_tensor(wi.name, device=self.device or "cpu", aliases=list(wi.aliases or ()), raise_on_missing=not wi.optional)
+            tensor = loader.get_tensor(
+                wi.name, device=self.device or "cpu", aliases=list(wi.aliases or ()), raise_on_missing=not wi.optional
+            )
             if tensor is None:
                 continue
             dtype = wi.force_dtype or self.dtype
@@ -149,7 +178,9 @@ class MergeKeyTask(Task[Optional[torch.Tensor]]):
     def uses_accelerator(self) -> bool:
         return self.merge.uses_accelerator()
 
-    def execute(self, tensors: Optional[Dict[ModelReference, torch.Tensor]] = None, **_kwargs: Any) -> Optional[torch.Tensor]:
+    def execute(
+        self, tensors: Optional[Dict[ModelReference, torch.Tensor]] = None, **_kwargs: Any
+    ) -> Optional[torch.Tensor]:
         task = self.merge
         method = get_method(task.method_name)
         readers = self._file_readers() if self.from_files else self._memory_readers(tensors or {})
@@ -160,7 +191,9 @@ class MergeKeyTask(Task[Optional[torch.Tensor]]):
         report = None
         if recorder is not None:
             name = task.output_weight.name
-            report = recorder.start_key(name, self.shape, readers, lambda: _file_rows(LoaderCache().get(recorder.base), name, "cpu"))
+            report = recorder.start_key(
+                name, self.shape, readers, lambda: _file_rows(LoaderCache().get(recorder.base), name, "cpu")
+            )
         if report is not None:
             readers = report.wrap(readers)
         compute = compute_dtype_for(dtype_from_name(task.dtype))
@@ -180,11 +213,11 @@ class MergeKeyTask(Task[Optional[torch.Tensor]]):
         return merged
 
     def _file_readers(self) -> Dict[ModelReference, Optional[RowReader]]:
-        weight_info = self.merge.gather_tensors.weight_info
+        gather = self.merge.gather_tensors
         readers: Dict[ModelReference, Optional[RowReader]] = {}
-        for model in self.merge.model_order:
+        for index, model in enumerate(self.merge.model_order):
             loader = LoaderCache().get(model)
-            name = weight_info[model].name
+            name = gather.weight_of(index).name
             if name not in loader.index.tensor_paths:
                 readers[model] = None
                 continue
@@ -200,7 +233,9 @@ class MergeKeyTask(Task[Optional[torch.Tensor]]):
                 readers[model] = None
                 continue
             if not tensor.is_floating_point():
-                raise InputDataError(f"{model}: key {self.merge.output_weight.name} is not floating point; it cannot be merged")
+                raise InputDataError(
+                    f"{model}: key {self.merge.output_weight.name} is not floating point; it cannot be merged"
+                )
             readers[model] = _slice_rows(tensor.reshape(rows, cols))
         return readers
 
