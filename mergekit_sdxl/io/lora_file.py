@@ -44,7 +44,7 @@ __all__ = ["LoraFile", "LoraBinding", "Contribution", "RowsOf", "COMPUTE_DTYPE"]
 # bases, and a task vector (base + change) - base keeps the change to float32 precision.
 COMPUTE_DTYPE = torch.float32
 _MAX_LISTED = 5
-# Factors kept per LoRA file, as stored (fp16/bf16: half of float32): a key takes at most three
+# Factors kept per LoRA file (float32): a key takes at most three
 # modules of one LoRA (CLIP-G's q / k / v share in_proj_weight) and its row chunks ask for the same
 # ones in turn. More would keep keys already merged: with a thousand LoRAs, N times that.
 _CACHED_MODULES = 3
@@ -282,10 +282,6 @@ class LoraFile:
 
     def factors(self, module: LoraModule) -> Tuple[Dict[str, torch.Tensor], float]:
         """The module's factor tensors in :data:`COMPUTE_DTYPE` and its scale (alpha / rank)."""
-        stored, scale = self._stored_factors(module)
-        return {component: value.to(COMPUTE_DTYPE) for component, value in stored.items()}, scale
-
-    def _stored_factors(self, module: LoraModule) -> Tuple[Dict[str, torch.Tensor], float]:
         with self._lock:
             hit = self._cache.get(module.name)
             if hit is not None:
@@ -296,13 +292,13 @@ class LoraFile:
         for component, name in module.components.items():
             if component == "lokr_t1":
                 continue  # LyCORIS never uses it
-            value = self._read(name)
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            value = self._read(name).to(COMPUTE_DTYPE)
+            if not bool(torch.isfinite(value).all()):
                 raise self.error("non-finite values", key=name)
             if component == "alpha":
                 if value.numel() != 1:
                     raise self.error(f"alpha has {value.numel()} values, expected one", key=name)
-                alpha = float(value.to(COMPUTE_DTYPE).reshape(()))
+                alpha = float(value.reshape(()))
             else:
                 tensors[component] = value
         shapes = {name: info.shape for name, info in self.header.tensors.items()}
