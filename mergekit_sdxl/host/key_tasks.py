@@ -114,7 +114,7 @@ class KeyTaskBuilder:
             method_name=spec.name,
             gather_tensors=DirectGather.of(inputs.order, weights_in, self._dtype, self._device),
             model_order=inputs.order,
-            parameters=ImmutableMap(data=shared),
+            parameters=self._shared_values(shared),
             input_parameters=self._input_parameters(inputs, weights_in, same_weight, t),
             base_model=base,
             output_weight=weight,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from contextvars import ContextVar
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -21,7 +21,14 @@ from mergekit_sdxl.host.mergekit_api import (
     dtype_from_name,
     get_method,
 )
-from mergekit_sdxl.host.methods import ChunkedMergeMethod, ReaderInputs, RowReader, bind_parameters, mask_identity
+from mergekit_sdxl.host.methods import (
+    BoundParameters,
+    ChunkedMergeMethod,
+    ReaderInputs,
+    RowReader,
+    bind_parameters,
+    mask_identity,
+)
 from mergekit_sdxl.kernels.memory_plan import MemoryPlan, compute_dtype_for
 from mergekit_sdxl.kernels.tgmd import rows_cols
 from mergekit_sdxl.sdxl import keys as sdxl_keys
@@ -254,17 +261,15 @@ class MergeKeyTask(Task[Optional[torch.Tensor]]):
         if uses_base and (base is None or readers.get(base) is None):
             raise InputDataError(f"the base model {base} lacks key {name}")
         others = [m for m in task.model_order if not (uses_base and m == base) and readers[m] is not None]
+        bound, identities = _bound_inputs(method.spec, task, others)
         inputs = ReaderInputs(
             tensor_name=name,
             shape=tuple(self.shape),
             base=readers[base] if uses_base and base is not None else None,
             models=tuple(readers[m] for m in others),  # type: ignore[misc]
-            model_keys=tuple(mask_identity(m) for m in others),
-            labels=tuple(mask_identity(m) for m in others),
+            model_keys=identities,
+            labels=identities,
             on_median=report.median_found(others) if report is not None else None,
-        )
-        bound = bind_parameters(
-            method.spec, dict(task.parameters.items()), lambda model, key: task.input_parameters[model][key], others
         )
         rows = self.plan.rows_per_chunk(self.shape, len(task.model_order), compute)
         # Rows read from the files by the first pass are kept for the second, within the plan.
@@ -288,6 +293,27 @@ class MergeKeyTask(Task[Optional[torch.Tensor]]):
             seed=self.seed,
         )
         return merge_builtin(method, key, dict(task.parameters.items()), lambda m, p: task.input_parameters[m][p])
+
+
+# (spec, shared map, per-model map, models) by id -> (those objects, bound parameters, mask
+# identities). The keys of one merge share their parameter maps (host/key_tasks.py) and models:
+# binding and naming them is done once, not per key (N x parameters validations and lookups each).
+# The entry holds the objects, so an id in a live key is never a reused one.
+_BOUND: Dict[Tuple[int, ...], Tuple[Tuple[Any, ...], BoundParameters, Tuple[str, ...]]] = {}
+_BOUND_MAX = 256
+
+
+def _bound_inputs(spec: Any, task: ExecuteMergeMethodTask, others: List[ModelReference]) -> Tuple[BoundParameters, Tuple[str, ...]]:
+    key = (id(spec), id(task.parameters), id(task.input_parameters), *map(id, others))
+    found = _BOUND.get(key)
+    if found is not None:
+        return found[1], found[2]
+    bound = bind_parameters(spec, dict(task.parameters.items()), lambda model, name: task.input_parameters[model][name], others)
+    identities = tuple(mask_identity(m) for m in others)
+    if len(_BOUND) >= _BOUND_MAX:
+        _BOUND.clear()
+    _BOUND[key] = ((spec, task.parameters, task.input_parameters, tuple(others)), bound, identities)
+    return bound, identities
 
 
 class OutputTensor(Task[Optional[torch.Tensor]]):
