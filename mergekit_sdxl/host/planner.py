@@ -91,9 +91,7 @@ class SDXLMergePlanner(MergePlanner):
         if component is not None and weight.name != POSITION_IDS_KEY:
             component.plan(self, weight, weights_in, models, cfg_reader)
             return
-        plan_with_rules(
-            self, mergekit_plan_tensor(), weight, weights_in, models, cfg_reader, self.rules, self._interned
-        )
+        plan_with_rules(self, mergekit_plan_tensor(), weight, weights_in, models, cfg_reader, self.rules, self._interned)
 
 
 @dataclass(frozen=True)
@@ -144,9 +142,7 @@ def _component_inputs(config: Any, name: str) -> Optional[List[Any]]:
     if module is None:
         return None
     if not module.models:
-        raise UsageError(
-            f"sdxl.components.{name}: needs the models of modules.{name} listed under models:, not slices:"
-        )
+        raise UsageError(f"sdxl.components.{name}: needs the models of modules.{name} listed under models:, not slices:")
     return list(module.models)
 
 
@@ -195,11 +191,7 @@ def _component_plans(planner: Any, rules: SDXLRules) -> Dict[str, _ComponentPlan
         )
         sub_rules = SDXLRules(options=rules.options.model_copy(update={"components": {}}), plan=rules.plan)
         sub = SDXLMergePlanner(
-            sub_config,
-            planner.arch_info,
-            options=planner.options,
-            out_model_config=planner.out_model_config,
-            rules=sub_rules,
+            sub_config, planner.arch_info, options=planner.options, out_model_config=planner.out_model_config, rules=sub_rules
         )
         sub.normalize_config()  # mergekit's own input checks for this method, and the slices planned from
         plans[name] = _ComponentPlan(name=name, planner=sub)

@@ -91,14 +91,10 @@ def route_checkpoint_files() -> None:
     # A LoRA on a checkpoint file is a virtual model (host/lora_model.py): base + the LoRA's change
     # computed per key and row chunk, never merged into a whole model on disk with PEFT.
     def merged(original: Callable) -> Callable:
-        def wrapper(
-            self: Any, cache_dir: Any = None, trust_remote_code: bool = False, lora_merge_dtype: Any = None
-        ) -> Any:
+        def wrapper(self: Any, cache_dir: Any = None, trust_remote_code: bool = False, lora_merge_dtype: Any = None) -> Any:
             if is_lora_reference(self):
                 return self
-            return original(
-                self, cache_dir=cache_dir, trust_remote_code=trust_remote_code, lora_merge_dtype=lora_merge_dtype
-            )
+            return original(self, cache_dir=cache_dir, trust_remote_code=trust_remote_code, lora_merge_dtype=lora_merge_dtype)
 
         return wrapper
 

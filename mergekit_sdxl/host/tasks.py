@@ -107,9 +107,7 @@ class DirectGather(Task[Dict[ModelReference, torch.Tensor]]):
         for index, model in enumerate(self.models):
             wi = self.weight_of(index)
             loader = LoaderCache().get(model)
-            tensor = loader.get_tensor(
-                wi.name, device=self.device or "cpu", aliases=list(wi.aliases or ()), raise_on_missing=not wi.optional
-            )
+            tensor = loader.get_tensor(wi.name, device=self.device or "cpu", aliases=list(wi.aliases or ()), raise_on_missing=not wi.optional)
             if tensor is None:
                 continue
             dtype = wi.force_dtype or self.dtype
@@ -185,9 +183,7 @@ class MergeKeyTask(Task[Optional[torch.Tensor]]):
     def uses_accelerator(self) -> bool:
         return self.merge.uses_accelerator()
 
-    def execute(
-        self, tensors: Optional[Dict[ModelReference, torch.Tensor]] = None, **_kwargs: Any
-    ) -> Optional[torch.Tensor]:
+    def execute(self, tensors: Optional[Dict[ModelReference, torch.Tensor]] = None, **_kwargs: Any) -> Optional[torch.Tensor]:
         task = self.merge
         method = get_method(task.method_name)
         readers = self._file_readers() if self.from_files else self._memory_readers(tensors or {})
@@ -198,9 +194,7 @@ class MergeKeyTask(Task[Optional[torch.Tensor]]):
         report = None
         if recorder is not None:
             name = task.output_weight.name
-            report = recorder.start_key(
-                name, self.shape, readers, lambda: _file_rows(LoaderCache().get(recorder.base), name, "cpu")
-            )
+            report = recorder.start_key(name, self.shape, readers, lambda: _file_rows(LoaderCache().get(recorder.base), name, "cpu"))
         if report is not None:
             readers = report.wrap(readers)
         compute = compute_dtype_for(dtype_from_name(task.dtype))
@@ -240,9 +234,7 @@ class MergeKeyTask(Task[Optional[torch.Tensor]]):
                 readers[model] = None
                 continue
             if not tensor.is_floating_point():
-                raise InputDataError(
-                    f"{model}: key {self.merge.output_weight.name} is not floating point; it cannot be merged"
-                )
+                raise InputDataError(f"{model}: key {self.merge.output_weight.name} is not floating point; it cannot be merged")
             readers[model] = _slice_rows(tensor.reshape(rows, cols))
         return readers
 
