@@ -43,13 +43,6 @@ class ModelOrder(tuple):
             cached = self.__dict__["hash"] = tuple.__hash__(self)
         return int(cached)
 
-    def __eq__(self, other: object) -> bool:
-        return self is other or tuple.__eq__(self, other)
-
-    def __ne__(self, other: object) -> bool:
-        equal = self.__eq__(other)
-        return equal if equal is NotImplemented else not equal
-
 
 @dataclass(frozen=True)
 class _Group:
@@ -79,7 +72,11 @@ def _frozen(value: Any) -> Hashable:
 
 
 class KeyTaskBuilder:
-    """Builds the merge task of each SDXL key of one planner (one config, one method)."""
+    """Builds the merge task of each SDXL key of one planner (one config, one method).
+
+    Its caches are keyed by the ``id`` of config objects, model lists and resolved maps; every
+    entry holds the objects its key names, so an id in a key is never one reused by a new object.
+    """
 
     def __init__(self, method: Any, dtype: Optional[str], device: Optional[str]) -> None:
         self._method = method
@@ -126,7 +123,7 @@ class KeyTaskBuilder:
         owners = (cfg_reader.slice_out, cfg_reader.module, cfg_reader.config)
         key = tuple(id(o) for o in owners) + tuple(map(id, models))
         found = self._slices.get(key)
-        if found is not None and all(a is b for a, b in zip(found.owners, owners, strict=True)):
+        if found is not None:
             return found
         base = cfg_reader.base_model
         by_value: Dict[Tuple[bool, Hashable], List[int]] = {}
@@ -180,7 +177,7 @@ class KeyTaskBuilder:
         # Keys whose groups resolve to the same values share one map of N entries.
         key = (id(order), *(id(v) for v in resolved)) if not same_weight else (id(order), *chosen)
         entry = self._per_input.get(key)
-        if entry is not None and entry[0] is order:
+        if entry is not None:
             return entry[1]
         per_input = ImmutableMap(data=dict(zip(order, resolved, strict=True)))
         self._per_input[key] = (order, per_input)

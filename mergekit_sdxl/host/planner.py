@@ -81,7 +81,7 @@ class SDXLMergePlanner(MergePlanner):
     def __init__(self, *args: Any, rules: SDXLRules, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.rules = rules
-        self._interned: Dict[Any, Any] = {}
+        self._planning_state: Dict[Any, Any] = {}
         self._components: Dict[str, _ComponentPlan] = _component_plans(self, rules)
 
     def plan_tensor(
@@ -91,7 +91,7 @@ class SDXLMergePlanner(MergePlanner):
         if component is not None and weight.name != POSITION_IDS_KEY:
             component.plan(self, weight, weights_in, models, cfg_reader)
             return
-        plan_with_rules(self, mergekit_plan_tensor(), weight, weights_in, models, cfg_reader, self.rules, self._interned)
+        plan_with_rules(self, mergekit_plan_tensor(), weight, weights_in, models, cfg_reader, self.rules, self._planning_state)
 
 
 @dataclass(frozen=True)
@@ -213,9 +213,12 @@ def plan_with_rules(
     models: List[ModelReference],
     cfg_reader: ConfigReader,
     rules: SDXLRules,
-    interned: Dict[Any, Any],
+    state: Dict[Any, Any],
 ) -> None:
-    """Plan one output key: SDXL rules for SDXL checkpoints, mergekit's planning otherwise."""
+    """Plan one output key: SDXL rules for SDXL checkpoints, mergekit's planning otherwise.
+
+    ``state`` belongs to ``planner`` and lasts for its whole plan (it holds the key-task builder
+    and its caches, ``host/key_tasks.py``)."""
     ours = isinstance(planner_method(planner), ChunkedMergeMethod)
     if not is_sdxl_architecture(planner.arch_info):
         planned = planned_tensors(planner)
@@ -225,7 +228,7 @@ def plan_with_rules(
             w, task = planned[-1]
             planned[-1] = (w, _stored_dtype_inputs(task, planner.config.dtype))
         return
-    _plan_sdxl_tensor(planner, weight, weights_in, models, cfg_reader, rules, ours, interned)
+    _plan_sdxl_tensor(planner, weight, weights_in, models, cfg_reader, rules, ours, state)
 
 
 def _stored_dtype_inputs(task: ExecuteMergeMethodTask, dtype: Optional[str]) -> ExecuteMergeMethodTask:
@@ -251,7 +254,7 @@ def _plan_sdxl_tensor(
     cfg_reader: ConfigReader,
     rules: SDXLRules,
     ours: bool,
-    interned: Dict[Any, Any],
+    state: Dict[Any, Any],
 ) -> None:
     name = weight.name
     base = cfg_reader.base_model
@@ -265,11 +268,11 @@ def _plan_sdxl_tensor(
         planned.append((weight, DonorTensor(model=donor, tensor=name, optional=weight.optional)))
         return
 
-    builder = interned.get(KeyTaskBuilder)
+    builder = state.get(KeyTaskBuilder)
     if builder is None:
         device = planner.options.device if planner.options.read_to_gpu else None
         # Our methods upcast per chunk: their inputs load as stored, the compute dtype goes on.
-        builder = interned[KeyTaskBuilder] = KeyTaskBuilder(
+        builder = state[KeyTaskBuilder] = KeyTaskBuilder(
             planner_method(planner), dtype=None if ours else planner.config.dtype, device=device
         )
     task = builder.build(weight, weights_in, models, cfg_reader)

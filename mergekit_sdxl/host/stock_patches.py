@@ -216,8 +216,8 @@ def plan_sdxl_rules() -> None:
                 options=SDXLOptions(),
                 plan=MemoryPlan(budget_bytes=default_memory_budget(), adjust_threads=not self.options.multi_gpu),
             )
-            interned = self.__dict__.setdefault("_mergekit_sdxl_interned", {})
-            plan_with_rules(self, original, weight, weights_in, models, cfg_reader, rules, interned)
+            state = self.__dict__.setdefault("_mergekit_sdxl_planning_state", {})
+            plan_with_rules(self, original, weight, weights_in, models, cfg_reader, rules, state)
             return None
 
         return wrapper
